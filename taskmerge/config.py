@@ -1,0 +1,184 @@
+"""Typed schemas of every Hydra config group, registered in Hydra's ConfigStore.
+
+Each YAML option under `taskmerge/configs/<group>/` extends its group's schema (`defaults: [<schema>,
+_self_]`), so a misspelled key, a wrong type or a value outside an enum fails at compose time, before
+any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Distance(str, Enum):
+    l2 = "l2"
+    cosine = "cosine"
+
+
+class FeatureKind(str, Enum):
+    tokens = "tokens"
+    pooled = "pooled"
+
+
+class SelectorName(str, Enum):
+    tap = "tap"
+    eval = "eval"
+    both = "both"
+
+
+@dataclass
+class BuiltinViTConfig:
+    """The built-in small ViT (timm VisionTransformer)."""
+
+    name: str = "builtin_vit"
+    img_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    mlp_ratio: float = 2.0
+
+
+@dataclass
+class PretrainConfig:
+    n_images: int = 8000
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 128
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 10
+    lr: float = 5e-4
+    batch_size: int = 64
+
+
+@dataclass
+class ZooRecipeConfig:
+    """How the built-in zoo is trained: base pre-training, then end-to-end fine-tuning per task."""
+
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class BuiltinTasksConfig:
+    """The built-in benchmark: generated/real images split into train/val/test per task."""
+
+    name: str = "builtin"
+    names: list[str] = field(default_factory=lambda: ["digits", "textures", "shapes", "scenes"])
+    n_train: int = 1200
+    n_val: int = 300
+    n_test: int = 600
+    image_size: int = "${encoder.img_size}"  # type: ignore[assignment]
+    seed: int = 0
+    zoo: ZooRecipeConfig = field(default_factory=ZooRecipeConfig)
+
+
+@dataclass
+class AverageConfig:
+    name: str = "average"
+    search: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class TASearch:
+    alpha: list[float] = field(default_factory=lambda: [round(0.1 * i, 2) for i in range(1, 11)])
+
+
+@dataclass
+class TAConfig:
+    """Task arithmetic; a fixed `alpha` runs one candidate, otherwise `search.alpha` is swept."""
+
+    name: str = "ta"
+    alpha: Optional[float] = None
+    search: TASearch = field(default_factory=TASearch)
+
+
+@dataclass
+class TAPConfig:
+    n_samples: int = 128
+    distance: Distance = Distance.l2
+    features: FeatureKind = FeatureKind.tokens
+    seed: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class SelectorConfig:
+    name: SelectorName = SelectorName.tap
+
+
+@dataclass
+class GridSearchConfig:
+    name: str = "grid"
+
+
+@dataclass
+class DecoderConfig:
+    """Decoder re-training protocol on a frozen encoder (Eval and final numbers)."""
+
+    name: str = "linear"
+    epochs: int = 30
+    lr: float = 3e-3
+    batch_size: int = 128
+    weight_decay: float = 0.01
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    mode: str = "offline"
+    project: str = "taskmerge"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = "${oc.env:TASKMERGE_CACHE_DIR,${oc.env:HOME,.}/.cache/taskmerge}"
+
+
+@dataclass
+class Config:
+    """Top-level config; `device: auto` picks CUDA when available."""
+
+    encoder: Any = MISSING
+    tasks: Any = MISSING
+    method: Any = MISSING
+    selector: Any = MISSING
+    search: Any = MISSING
+    decoder: Any = MISSING
+    logger: Any = MISSING
+    paths: Any = MISSING
+    tap: TAPConfig = field(default_factory=TAPConfig)
+    seed: int = 0
+    device: str = "auto"
+    save_merged: bool = False
+
+
+SCHEMAS: dict[tuple[Optional[str], str], Any] = {
+    (None, "config_schema"): Config,
+    ("encoder", "builtin_vit_schema"): BuiltinViTConfig,
+    ("tasks", "builtin_schema"): BuiltinTasksConfig,
+    ("method", "average_schema"): AverageConfig,
+    ("method", "ta_schema"): TAConfig,
+    ("selector", "selector_schema"): SelectorConfig,
+    ("search", "grid_schema"): GridSearchConfig,
+    ("decoder", "decoder_schema"): DecoderConfig,
+    ("logger", "logger_schema"): LoggerConfig,
+    ("paths", "paths_schema"): PathsConfig,
+}
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        store.store(group=group, name=name, node=node)

@@ -1,0 +1,69 @@
+"""One minibatch training loop (AdamW, cosine schedule, seeded shuffling) for decoders and fine-tuning."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def warmup_cosine(step: int, total_steps: int, warmup: float) -> float:
+    """Learning-rate factor: linear warm-up over the first `warmup` fraction of steps, then cosine to 0."""
+    warmup_steps = int(warmup * total_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_module(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.05,
+    warmup: float = 0.1,
+    desc: str | None = None,
+) -> list[float]:
+    """Train `module` on `(inputs, targets)`; returns the mean loss of every epoch.
+
+    Raises FloatingPointError as soon as the loss is not finite, so a diverging run fails loudly
+    instead of producing a silently broken model.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total_steps = max(epochs * math.ceil(len(inputs) / batch_size), 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup))
+    module.train()
+    history = []
+    for _ in tqdm(range(epochs), desc=desc, disable=desc is None, leave=False):
+        order = torch.randperm(len(inputs), generator=generator)
+        total = 0.0
+        for start in range(0, len(inputs), batch_size):
+            index = order[start : start + batch_size]
+            loss = loss_fn(module(inputs[index]), targets[index])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} ({desc or 'decoder'})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+        history.append(total / len(inputs))
+    module.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Outputs of `module` on `inputs`, batched, in eval mode."""
+    module.eval()
+    return torch.cat([module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])

@@ -1,0 +1,41 @@
+"""Encoders: architectures with one feature contract, `features(images, kind)`, and a name registry.
+
+`kind="pooled"` gives `[B, D]` (the image embedding); `kind="tokens"` gives `[B, N, D]` patch tokens
+with CLS and register tokens already removed, so TAP and dense decoders never see prefix tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+from torch import nn
+
+from taskmerge.encoders.vit import BuiltinViT
+
+FeatureKind = Literal["pooled", "tokens"]
+
+
+class Encoder(Protocol):
+    """What the rest of the framework may rely on from an encoder."""
+
+    embed_dim: int
+    patch_size: int
+    grid_size: tuple[int, int]
+
+    def features(self, images: torch.Tensor, kind: FeatureKind) -> torch.Tensor: ...
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {"builtin_vit": BuiltinViT}
+
+
+def available() -> list[str]:
+    """Names accepted by `create_encoder`."""
+    return sorted(_FACTORIES)
+
+
+def create_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """Build an encoder by registry name with randomly initialised weights."""
+    if name not in _FACTORIES:
+        raise KeyError(f"unknown encoder {name!r}; available: {available()}")
+    return _FACTORIES[name](**kwargs)

@@ -1,0 +1,18 @@
+"""Batched, gradient-free feature extraction through the encoder contract."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: torch.Tensor, kind: str, batch_size: int = 256) -> torch.Tensor:
+    """`encoder.features(images, kind)` over `images` in batches, in eval mode, as float32 on the CPU."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    chunks = [
+        encoder.features(images[i : i + batch_size].to(device), kind).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)

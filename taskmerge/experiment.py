@@ -1,0 +1,235 @@
+"""One run, end to end (DESIGN.md): zoo → teacher features → candidates scored by TAP (and Eval) →
+selection → decoders re-trained on the selected encoder → test metrics → outputs. No maths of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from taskmerge import checkpoints, merging, plots, report
+from taskmerge.cache import atomic_write_json, content_key
+from taskmerge.encoders import create_encoder
+from taskmerge.selection import evaluation, search
+from taskmerge.selection.evaluation import DecoderProtocol
+from taskmerge.selection.tap import compute_tap, teacher_features
+from taskmerge.tasks import Task, build_builtin_task
+from taskmerge.tracking import CANDIDATES, CandidateLog, candidate_id, create_logger
+from taskmerge.zoo import Zoo, get_builtin_zoo
+
+REFERENCE_CACHE_VERSION = 1
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds spent per named stage."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Setting:
+    """A loaded benchmark: its tasks, its zoo and how to instantiate its encoder."""
+
+    tasks: list[Task]
+    zoo: Zoo
+    encoder_spec: dict[str, Any]
+    device: torch.device
+
+    def new_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+        spec = dict(self.encoder_spec)
+        encoder = create_encoder(spec.pop("name"), **spec)
+        encoder.load_state_dict(state_dict)
+        return encoder.to(self.device).eval()
+
+    def load_encoder(self, path: Path) -> nn.Module:
+        return self.new_encoder(checkpoints.load_state_dict(path))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when available, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_tasks(tasks_cfg: Mapping[str, Any]) -> list[Task]:
+    """The built-in tasks named in the config, generated from its sizes and seed."""
+    sizes = (tasks_cfg["n_train"], tasks_cfg["n_val"], tasks_cfg["n_test"])
+    return [build_builtin_task(name, *sizes, tasks_cfg["image_size"], tasks_cfg["seed"]) for name in tasks_cfg["names"]]
+
+
+def load_setting(cfg: Mapping[str, Any], timer: StageTimer) -> Setting:
+    """Build the tasks and get (build once, then reuse) the zoo."""
+    tasks = build_tasks(cfg["tasks"])
+    with timer.stage("zoo"):
+        zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], tasks, cfg["seed"], cfg["paths"]["cache_dir"])
+    return Setting(tasks=tasks, zoo=zoo, encoder_spec=dict(cfg["encoder"]), device=resolve_device(cfg["device"]))
+
+
+def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Metrics of the base and of each fine-tuned encoder (on its own task), on val and test, with the
+    same decoder protocol as the candidates; cached under a key of zoo, data and protocol."""
+    data = {t.name: [t.splits[s].images for s in ("train", "val", "test")] for t in setting.tasks}
+    key = content_key("references", REFERENCE_CACHE_VERSION, setting.zoo.fingerprints(), data, vars(protocol),
+                      Path(evaluation.__file__).read_text())
+    path = Path(cache_dir) / "references" / f"{key[:32]}.json"
+    if path.is_file():
+        import json
+
+        return json.loads(path.read_text())
+    base = setting.load_encoder(setting.zoo.base)
+    result: dict[str, dict[str, dict[str, float]]] = {"base": {}, "finetuned": {}}
+    for split in ("val", "test"):
+        result["base"][split] = evaluation.evaluate_encoder(base, setting.tasks, split, protocol)
+        result["finetuned"][split] = {
+            t.name: evaluation.evaluate_task(setting.load_encoder(setting.zoo.finetuned[t.name]), t, split, protocol)
+            for t in tqdm(setting.tasks, desc=f"reference metrics ({split})", leave=False)
+        }
+    atomic_write_json(path, result)
+    return result
+
+
+def _method_space(method_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Split a method config into fixed hyperparameters (non-null values) and its search lists."""
+    reserved = {"name", "search"}
+    fixed = {k: v for k, v in method_cfg.items() if k not in reserved and v is not None}
+    return fixed, dict(method_cfg.get("search") or {})
+
+
+def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Run the configured pipeline in `run_dir` and return the selection summary (also written there)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer()
+    start = time.perf_counter()
+    method, selector = cfg["method"]["name"], cfg["selector"]["name"]
+    fixed, space = _method_space(cfg["method"])
+    candidates = search.grid_candidates(method, fixed, space)
+    protocol = DecoderProtocol(**{k: v for k, v in cfg["decoder"].items() if k != "name"}, seed=cfg["seed"])
+    setting = load_setting(cfg, timer)
+    logger = create_logger(
+        cfg["logger"]["name"], run_dir, cfg,
+        **({} if cfg["logger"]["name"] == "none" else {
+            "project": cfg["logger"]["project"], "mode": cfg["logger"]["mode"], "entity": cfg["logger"]["entity"],
+            "group": cfg["logger"]["group"] or f"{cfg['tasks']['name']}-{method}", "job_type": selector, "name": run_dir.name,
+        }),
+    )
+    try:
+        with timer.stage("references"):
+            refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))
+        rows = _score_candidates(cfg, setting, method, candidates, selector, protocol, refs, run_dir, timer, logger)
+        selection = _select_and_finalize(cfg, setting, method, selector, rows, protocol, refs, run_dir, timer)
+        timer.seconds["total"] = time.perf_counter() - start
+        selection["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+        atomic_write_json(run_dir / "selection.json", selection)
+        images = {}
+        if any(r.get("eval") for r in rows):
+            metric_names = {t.name: t.metric_name for t in setting.tasks}
+            tap_pick, eval_pick = search.pick_by_tap(rows), search.pick_by_eval(rows)
+            (run_dir / "plots").mkdir(exist_ok=True)
+            images["tap_vs_eval"] = plots.plot_tap_vs_eval(rows, metric_names, tap_pick, eval_pick, run_dir / "plots" / "tap_vs_eval.png")
+        report.write_report(run_dir / "report.md", cfg, setting.tasks, rows, selection, refs, images)
+        report.print_summary(setting.tasks, selection, refs)
+        logger.log_summary(rows, selection, images)
+        return selection
+    finally:
+        logger.finish()
+
+
+def _score_candidates(cfg, setting, method, candidates, selector, protocol, refs, run_dir, timer, logger) -> list[dict[str, Any]]:
+    """Score every candidate (TAP always, Eval for selector eval|both), resuming from `candidates.jsonl`."""
+    tap_cfg = cfg["tap"]
+    needs_eval = selector in ("eval", "both")
+    with timer.stage("teacher_features"):
+        unlabeled = {t.name: t.unlabeled_images(tap_cfg["n_samples"], tap_cfg["seed"]) for t in setting.tasks}
+        teachers = {
+            t.name: teacher_features(setting.load_encoder, setting.zoo.finetuned[t.name], unlabeled[t.name],
+                                     tap_cfg["features"], setting.encoder_spec, Path(cfg["paths"]["cache_dir"]), tap_cfg["batch_size"])
+            for t in setting.tasks
+        }
+    run_key = content_key(setting.zoo.key, dict(tap_cfg), vars(protocol), method)
+    log = CandidateLog(run_dir / CANDIDATES)
+    done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows() if r.get("run_key") == run_key and (r.get("eval") or not needs_eval)}
+    with timer.stage("merge_prepare"):
+        pretrained = checkpoints.load_state_dict(setting.zoo.base)
+        finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[t.name]) for t in setting.tasks]
+        prepared = merging.prepare(method, pretrained, finetuned)
+    student = setting.new_encoder(pretrained)
+    rows = []
+    for hparams in tqdm(candidates, desc=f"candidates ({method}, selector={selector})"):
+        key = candidate_id(method, hparams)
+        if key in done:
+            rows.append(done[key])
+            continue
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        student.load_state_dict(prepared.merge(**hparams))
+        seconds["merge"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"method": method, "hparams": hparams,
+                               "tap": compute_tap(student, unlabeled, teachers, tap_cfg["features"], tap_cfg["distance"], tap_cfg["batch_size"])}
+        seconds["tap"] = time.perf_counter() - t0
+        if needs_eval:
+            t0 = time.perf_counter()
+            metrics = evaluation.evaluate_encoder(student, setting.tasks, "val", protocol)
+            row["eval"] = {**metrics, "normalized": evaluation.normalize_scores(metrics, refs["finetuned"]["val"], setting.tasks)["normalized"]}
+            seconds["eval"] = time.perf_counter() - t0
+        seconds["total"] = sum(seconds.values())
+        row["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
+        row["run_key"] = run_key
+        for name, value in seconds.items():
+            if name != "total":
+                timer.seconds[f"candidates_{name}"] = timer.seconds.get(f"candidates_{name}", 0.0) + value
+        log.append(row)
+        logger.log_candidate(row)
+        rows.append(row)
+    return rows
+
+
+def _select_and_finalize(cfg, setting, method, selector, rows, protocol, refs, run_dir, timer) -> dict[str, Any]:
+    """Pick the candidate, re-train decoders on it, evaluate on test and build `selection.json`."""
+    selected: dict[str, Any] = {}
+    if selector in ("tap", "both"):
+        selected["tap"] = search.pick_by_tap(rows)["hparams"]
+    if selector in ("eval", "both"):
+        selected["eval"] = search.pick_by_eval(rows)["hparams"]
+    final_hparams = selected["eval" if selector == "eval" else "tap"]
+    final_row = next(r for r in rows if r["hparams"] == final_hparams)
+    with timer.stage("final"):
+        pretrained = checkpoints.load_state_dict(setting.zoo.base)
+        finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[t.name]) for t in setting.tasks]
+        merged = merging.merge(method, pretrained, finetuned, **final_hparams)
+        encoder = setting.new_encoder(merged)
+        test = evaluation.evaluate_encoder(encoder, setting.tasks, "test", protocol)
+        normalized = evaluation.normalize_scores(test, refs["finetuned"]["test"], setting.tasks)
+    if cfg["save_merged"]:
+        checkpoints.save_state_dict(run_dir / "merged_encoder.safetensors", merged, metadata={"method": method, "hparams": str(final_hparams)})
+    selection: dict[str, Any] = {
+        "method": method,
+        "selector": selector,
+        "selected": selected,
+        "selected_tap": final_row["tap"],
+        "final": {**test, "normalized": normalized["normalized"]},
+        "final_normalized_per_task": {t.name: normalized[t.name] for t in setting.tasks},
+        "normalization": "merged/fine-tuned for higher-is-better metrics, fine-tuned/merged for lower-is-better ones",
+        "failed_candidates": len([r for r in rows if r.get("error")]),
+    }
+    if selector == "both":
+        selection["agreement"] = search.agreement(rows)
+    return selection

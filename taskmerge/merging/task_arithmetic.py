@@ -1,0 +1,67 @@
+"""Task arithmetic (`ta`) and weight averaging (`average`).
+
+`ta`:      θ = θ0 + α · Σ_t τ_t, with τ_t = θ_t − θ0 (Ilharco et al.; `sum` in the tall_masks harness).
+`average`: θ = θ0 + (1/T) · Σ_t τ_t, i.e. the mean of the fine-tuned weights.
+Σ_t is `torch.stack(...).sum(0)` per key, the per-element order of the reference's flat `sum(dim=0)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from taskmerge.merging._checks import is_mergeable
+from taskmerge.merging._registry import HParam, MergeMethod, PreparedMerge, finite_float, register
+
+
+def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Σ_t (θ_t − θ0) for every floating-point key, computed key by key."""
+    return {
+        key: torch.stack([model[key] - base for model in finetuned]).sum(0)
+        for key, base in pretrained.items()
+        if is_mergeable(base)
+    }
+
+
+class _ScaledSum(PreparedMerge):
+    def __init__(self, pretrained: Mapping[str, torch.Tensor], total: dict[str, torch.Tensor]) -> None:
+        self.pretrained, self.total = pretrained, total
+
+    def scaled(self, alpha: float) -> dict[str, torch.Tensor]:
+        return {key: self.pretrained[key] + alpha * tau for key, tau in self.total.items()}
+
+
+class _TaskArithmeticState(_ScaledSum):
+    def combine(self, alpha: float, **_: Any) -> dict[str, torch.Tensor]:
+        return self.scaled(alpha)
+
+
+class _AverageState(_ScaledSum):
+    def __init__(self, pretrained: Mapping[str, torch.Tensor], total: dict[str, torch.Tensor], num_tasks: int) -> None:
+        super().__init__(pretrained, total)
+        self.num_tasks = num_tasks
+
+    def combine(self, **_: Any) -> dict[str, torch.Tensor]:
+        return self.scaled(1.0 / self.num_tasks)
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    """θ0 + α·Σ τ_t."""
+
+    name = "ta"
+    hparams = {"alpha": HParam(0.3, finite_float, "a finite number (scaling coefficient)")}
+
+    def prepare(self, pretrained, finetuned, **fixed):
+        return _TaskArithmeticState(pretrained, sum_task_vectors(pretrained, finetuned))
+
+
+@register
+class Average(MergeMethod):
+    """Weight averaging: θ0 + (1/T)·Σ τ_t."""
+
+    name = "average"
+
+    def prepare(self, pretrained, finetuned, **fixed):
+        return _AverageState(pretrained, sum_task_vectors(pretrained, finetuned), len(finetuned))

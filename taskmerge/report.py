@@ -1,0 +1,89 @@
+"""Human-readable results: the console summary table and `report.md` of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from taskmerge.cache import atomic_write_text
+from taskmerge.tasks import Task
+from taskmerge.tasks.metrics import normalized
+
+
+def summary_rows(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any]) -> list[list[str]]:
+    """Per task: metric, base, fine-tuned, merged (test) and normalized base/merged; then the mean."""
+    base, ft, final = refs["base"]["test"], refs["finetuned"]["test"], selection["final"]
+    rows, base_norm = [], []
+    for t in tasks:
+        arrow = "↑" if t.higher_is_better else "↓"
+        base_norm.append(normalized(base[t.name], ft[t.name], t.higher_is_better))
+        rows.append([t.name, f"{t.metric_name} {arrow}", f"{base[t.name]:.2f}", f"{ft[t.name]:.2f}", f"{final[t.name]:.2f}",
+                     f"{base_norm[-1]:.3f}", f"{selection['final_normalized_per_task'][t.name]:.3f}"])
+    rows.append(["mean", "normalized ↑", "", "", "", f"{sum(base_norm) / len(base_norm):.3f}", f"{final['normalized']:.3f}"])
+    return rows
+
+
+SUMMARY_HEADER = ["task", "metric", "base", "fine-tuned", "merged", "base (norm.)", "merged (norm.)"]
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def candidate_table(tasks: Sequence[Task], rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the candidates table: hyperparameters, TAP per task and mean, Eval if any."""
+    with_eval = any(r.get("eval") for r in rows)
+    header = ["hparams", *[f"TAP {t.name}" for t in tasks], "TAP mean"]
+    if with_eval:
+        header += [f"val {t.name}" for t in tasks] + ["val normalized"]
+    table = []
+    for r in rows:
+        line = [json.dumps(r["hparams"]) if r["hparams"] else "–", *[f"{r['tap'][t.name]:.4f}" for t in tasks], f"{r['tap']['mean']:.4f}"]
+        if with_eval:
+            line += [f"{r['eval'][t.name]:.2f}" for t in tasks] + [f"{r['eval']['normalized']:.4f}"] if r.get("eval") else ["–"] * (len(tasks) + 1)
+        table.append(line)
+    return header, table
+
+
+def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any]) -> None:
+    """Print the final table, the selected hyperparameters and the time spent per stage."""
+    console = Console()
+    table = Table(title=f"{selection['method']} selected by {selection['selector']}: test metrics (decoders re-trained)")
+    for name in SUMMARY_HEADER:
+        table.add_column(name, justify="left" if name in ("task", "metric") else "right")
+    for row in summary_rows(tasks, selection, refs):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"selected: {json.dumps(selection['selected'])}")
+    if "agreement" in selection:
+        console.print(f"TAP vs Eval: {json.dumps({k: round(v, 4) for k, v in selection['agreement'].items()})}")
+    console.print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in selection["seconds"].items()))
+
+
+def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows: Sequence[Mapping[str, Any]],
+                 selection: Mapping[str, Any], refs: Mapping[str, Any], images: Mapping[str, Path]) -> Path:
+    """`report.md`: selection, final table, candidates, agreement, timings and plots of a run."""
+    parts = [
+        f"# taskmerge report: {selection['method']} on {cfg['tasks']['name']} ({cfg['encoder']['name']})",
+        f"Selector: **{selection['selector']}**. Selected: `{json.dumps(selection['selected'])}`.",
+        f"TAP: distance `{cfg['tap']['distance']}`, features `{cfg['tap']['features']}`, {cfg['tap']['n_samples']} unlabeled images per task.",
+        "## Test metrics (decoders re-trained on each frozen encoder)",
+        _markdown_table(SUMMARY_HEADER, summary_rows(tasks, selection, refs)),
+        f"Normalized performance: {selection['normalization']}.",
+        "## Candidates",
+        _markdown_table(*candidate_table(tasks, rows)),
+    ]
+    if "agreement" in selection:
+        agreement = selection["agreement"]
+        parts += ["## TAP vs Eval", _markdown_table(["spearman", "kendall", "regret", "candidates"],
+                  [[f"{agreement['spearman']:.3f}", f"{agreement['kendall']:.3f}", f"{agreement['regret']:.4f}", agreement["n_candidates"]]]),
+                  "Negative correlations mean agreement (lower TAP is better); regret = best normalized Eval − Eval of the TAP pick."]
+    parts += ["## Seconds per stage", _markdown_table(list(selection["seconds"]), [[f"{v:.1f}" for v in selection["seconds"].values()]])]
+    parts += [f"![{name}](plots/{Path(p).name})" for name, p in images.items()]
+    return atomic_write_text(path, "\n\n".join(parts) + "\n")

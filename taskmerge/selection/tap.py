@@ -1,0 +1,82 @@
+"""Task Alignment Proxy (specs/tap.md, Eq. 2): mean distance between a candidate encoder's features
+and each fine-tuned (teacher) encoder's features on a few unlabeled images of that task.
+
+TAP_t = mean_x d(f_θ(x), f_θt(x)); TAP = mean_t TAP_t. Lower is better. `d` is the Euclidean distance
+(`l2`) or the cosine distance 1 − cos (`cosine`); on token features it is computed per patch token and
+averaged over tokens (prefix tokens are excluded by the encoder contract). Teacher features are
+computed once and cached on disk under a content hash of checkpoint, images and feature spec.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taskmerge import checkpoints
+from taskmerge.cache import content_key
+from taskmerge.encoders.extract import extract_features
+
+DISTANCES = ("l2", "cosine")
+TEACHER_CACHE_VERSION = 1
+
+
+def dissimilarity(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-sample dissimilarity `[B]` of `[B, D]` or `[B, N, D]` features (token distances averaged)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} differ in shape")
+    if distance == "l2":
+        per_item = (student - teacher).norm(dim=-1)
+    elif distance == "cosine":
+        per_item = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    else:
+        raise ValueError(f"unknown TAP distance {distance!r}; expected one of {DISTANCES}")
+    return per_item.mean(dim=-1) if per_item.dim() == 2 else per_item
+
+
+def tap_task(student_features: torch.Tensor, teacher_features: torch.Tensor, distance: str) -> float:
+    """TAP_t: the mean per-sample dissimilarity."""
+    return float(dissimilarity(student_features.double(), teacher_features.double(), distance).mean())
+
+
+def teacher_features(
+    load_encoder: Callable[[Path], nn.Module],
+    checkpoint: Path,
+    images: torch.Tensor,
+    kind: str,
+    encoder_spec: Mapping,
+    cache_dir: Path,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Features of the fine-tuned encoder at `checkpoint` on `images`, read from or written to the cache.
+
+    The key hashes the checkpoint's bytes, the images' bytes, the feature kind and the encoder spec, so
+    changing any of them computes fresh features.
+    """
+    key = content_key("teacher", TEACHER_CACHE_VERSION, checkpoints.fingerprint(checkpoint), images, kind, dict(encoder_spec))
+    path = Path(cache_dir) / "teacher" / f"{key[:32]}.safetensors"
+    if path.is_file():
+        return checkpoints.load_state_dict(path)["features"]
+    features = extract_features(load_encoder(checkpoint), images, kind, batch_size)
+    checkpoints.save_state_dict(path, {"features": features})
+    return features
+
+
+def compute_tap(
+    student: nn.Module,
+    unlabeled: Mapping[str, torch.Tensor],
+    teachers: Mapping[str, torch.Tensor],
+    kind: str,
+    distance: str,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """TAP per task and their mean (`"mean"`) for one candidate encoder: T student passes, no teacher pass."""
+    scores = {
+        name: tap_task(extract_features(student, images, kind, batch_size), teachers[name], distance)
+        for name, images in unlabeled.items()
+    }
+    scores["mean"] = sum(scores.values()) / len(unlabeled)
+    return scores

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from taskmerge import merging
+
+
+def _model(value: float, step: int = 0) -> dict[str, torch.Tensor]:
+    return {
+        "w": torch.full((2, 3), value),
+        "b": torch.tensor([value, -value]),
+        "bn.num_batches_tracked": torch.tensor(step, dtype=torch.int64),
+    }
+
+
+def test_available_lists_spine_methods():
+    assert {"ta", "average"} <= set(merging.available())
+
+
+def test_ta_alpha_zero_gives_pretrained():
+    base = _model(1.0)
+    merged = merging.merge("ta", base, [_model(3.0), _model(-2.0)], alpha=0.0)
+    for key in base:
+        assert torch.equal(merged[key], base[key])
+
+
+def test_ta_alpha_one_single_task_gives_finetuned():
+    base, ft = _model(1.0), _model(2.5, step=9)
+    merged = merging.merge("ta", base, [ft], alpha=1.0)
+    assert torch.equal(merged["w"], ft["w"]) and torch.equal(merged["b"], ft["b"])
+    assert merged["bn.num_batches_tracked"].item() == 0, "integer buffers come from the pretrained model"
+
+
+def test_ta_hand_values_and_dtypes():
+    base = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([0.5], dtype=torch.float64)}
+    fts = [{"w": torch.tensor([2.0, 2.0]), "h": torch.tensor([1.5], dtype=torch.float64)},
+           {"w": torch.tensor([1.0, 4.0]), "h": torch.tensor([0.0], dtype=torch.float64)}]
+    merged = merging.merge("ta", base, fts, alpha=0.5)
+    assert torch.allclose(merged["w"], torch.tensor([1.5, 3.0]))
+    assert torch.allclose(merged["h"], torch.tensor([0.75], dtype=torch.float64))
+    assert merged["w"].dtype == torch.float32 and merged["h"].dtype == torch.float64
+    assert list(merged) == list(base)
+
+
+def test_average_is_mean_of_finetuned():
+    base = _model(0.0)
+    fts = [_model(1.0), _model(2.0), _model(6.0)]
+    merged = merging.merge("average", base, fts)
+    assert torch.allclose(merged["w"], torch.full((2, 3), 3.0))
+
+
+def test_prepare_then_merge_equals_merge():
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 4, generator=gen)}
+    fts = [{"w": base["w"] + torch.randn(4, 4, generator=gen)} for _ in range(3)]
+    prepared = merging.prepare("ta", base, fts)
+    for alpha in (0.1, 0.7):
+        assert torch.equal(prepared.merge(alpha=alpha)["w"], merging.merge("ta", base, fts, alpha=alpha)["w"])
+
+
+@pytest.mark.parametrize(
+    ("finetuned", "message"),
+    [
+        ([], "at least one fine-tuned"),
+        ([{"w": torch.zeros(2, 3), "b": torch.zeros(2)}], "missing"),
+        ([{**_model(1.0), "w": torch.zeros(3, 2)}], "'w' has shape"),
+        ([{**_model(1.0), "w": torch.zeros(2, 3, dtype=torch.float64)}], "'w' has dtype"),
+        ([{**_model(1.0), "b": torch.tensor([float("nan"), 0.0])}], "'b' contains NaN"),
+    ],
+)
+def test_bad_checkpoints_name_the_problem(finetuned, message):
+    with pytest.raises(ValueError, match=message):
+        merging.merge("ta", _model(0.0), finetuned, alpha=1.0)
+
+
+def test_bad_method_and_hparams():
+    with pytest.raises(KeyError, match="unknown merge method 'nope'"):
+        merging.merge("nope", _model(0.0), [_model(1.0)])
+    with pytest.raises(ValueError, match="no hyperparameter 'alpah'"):
+        merging.merge("ta", _model(0.0), [_model(1.0)], alpah=1.0)
+    with pytest.raises(ValueError, match="alpha='x' is invalid"):
+        merging.merge("ta", _model(0.0), [_model(1.0)], alpha="x")

@@ -54,8 +54,8 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 10
-    lr: float = 5e-4
+    epochs: int = 20
+    lr: float = 1e-3
     batch_size: int = 64
 
 

@@ -123,13 +123,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     candidates = search.grid_candidates(method, fixed, space)
     protocol = DecoderProtocol(**{k: v for k, v in cfg["decoder"].items() if k != "name"}, seed=cfg["seed"])
     setting = load_setting(cfg, timer)
-    logger = create_logger(
-        cfg["logger"]["name"], run_dir, cfg,
-        **({} if cfg["logger"]["name"] == "none" else {
-            "project": cfg["logger"]["project"], "mode": cfg["logger"]["mode"], "entity": cfg["logger"]["entity"],
-            "group": cfg["logger"]["group"] or f"{cfg['tasks']['name']}-{method}", "job_type": selector, "name": run_dir.name,
-        }),
-    )
+    logger = create_logger(cfg["logger"], run_dir, cfg, group=f"{cfg['tasks']['name']}-{method}", job_type=selector)
     try:
         with timer.stage("references"):
             refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))

@@ -38,9 +38,9 @@ def plot_tap_vs_eval(
         ax.scatter(xs, ys, c=range(len(rows)), cmap="viridis", s=28, zorder=2)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(_label(r["hparams"]), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        for pick, colour, name in ((tap_pick, "red", "TAP pick"), (eval_pick, "green", "Eval pick")):
+        for pick, colour, name, size in ((tap_pick, "red", "TAP pick", 220), (eval_pick, "green", "Eval pick", 110)):
             if pick is not None and pick.get("eval"):
-                ax.scatter([pick["tap"][panel]], [pick["eval"][ykey]], s=140, facecolors="none", edgecolors=colour, linewidths=1.8, label=name, zorder=3)
+                ax.scatter([pick["tap"][panel]], [pick["eval"][ykey]], s=size, facecolors="none", edgecolors=colour, linewidths=1.8, label=name, zorder=3)
         ax.set_xlabel(f"TAP ({panel})")
         ax.set_ylabel("mean normalized performance" if panel == "mean" else f"{panel}: val {metric_names[panel]}")
         ax.set_title("average" if panel == "mean" else panel)

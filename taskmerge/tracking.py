@@ -37,9 +37,19 @@ class CandidateLog:
                 continue
         return rows
 
+    def drop_torn_tail(self) -> None:
+        """Cut a last line left unfinished by a kill, so the next row starts on a line of its own."""
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
     def append(self, row: Mapping[str, Any]) -> None:
         """Write one row as a single line and force it to disk."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.drop_torn_tail()
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
@@ -114,10 +124,12 @@ class WandbLogger:
         self.run.finish()
 
 
-def create_logger(name: str, run_dir: Path, config: Mapping[str, Any], **options: Any) -> RunLogger:
-    """`wandb` or `none`."""
-    if name == "none":
+def create_logger(logger_cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], group: str, job_type: str) -> RunLogger:
+    """The logger named by `logger_cfg["name"]` (`wandb` or `none`); `group` applies unless the config sets one."""
+    kind = logger_cfg["name"]
+    if kind == "none":
         return NullLogger()
-    if name == "wandb":
-        return WandbLogger(run_dir, config, **options)
-    raise ValueError(f"unknown logger {name!r}; expected 'wandb' or 'none'")
+    if kind == "wandb":
+        return WandbLogger(run_dir, config, project=logger_cfg["project"], mode=logger_cfg["mode"], entity=logger_cfg["entity"],
+                           group=logger_cfg["group"] or group, job_type=job_type, name=Path(run_dir).name)
+    raise ValueError(f"unknown logger {kind!r}; expected 'wandb' or 'none'")

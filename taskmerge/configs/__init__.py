@@ -1,0 +1,1 @@
+"""Hydra configuration tree of taskmerge (one folder per config group)."""

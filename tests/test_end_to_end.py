@@ -1,0 +1,83 @@
+"""`python -m taskmerge.run` on a shrunken built-in benchmark: zoo, TAP, Eval, selection, outputs, resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "taskmerge.run", *TINY_OVERRIDES, f"hydra.run.dir={run_dir}", *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "candidates.jsonl").read_text().splitlines()]
+
+
+def test_selector_both_end_to_end_and_resume(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    first = _run(run_dir, "selector=both", "method.search.alpha=[0.2,0.6,1.0]")
+
+    rows = _rows(run_dir)
+    assert [r["hparams"] for r in rows] == [{"alpha": 0.2}, {"alpha": 0.6}, {"alpha": 1.0}]
+    for row in rows:
+        assert row["method"] == "ta"
+        assert set(row["tap"]) == {"digits", "textures", "shapes", "scenes", "mean"}
+        assert set(row["eval"]) == {"digits", "textures", "shapes", "scenes", "normalized"}
+        assert row["tap"]["mean"] == pytest.approx(sum(row["tap"][t] for t in ("digits", "textures", "shapes", "scenes")) / 4)
+        assert row["seconds"]["total"] > 0
+
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert selection["method"] == "ta" and selection["selector"] == "both"
+    best_tap = min(rows, key=lambda r: r["tap"]["mean"])
+    best_eval = max(rows, key=lambda r: r["eval"]["normalized"])
+    assert selection["selected"] == {"tap": best_tap["hparams"], "eval": best_eval["hparams"]}
+    assert set(selection["final"]) == {"digits", "textures", "shapes", "scenes", "normalized"}
+    assert -1.0 <= selection["agreement"]["spearman"] <= 1.0 and -1.0 <= selection["agreement"]["kendall"] <= 1.0
+    assert selection["agreement"]["regret"] == pytest.approx(best_eval["eval"]["normalized"] - best_tap["eval"]["normalized"])
+    assert (run_dir / "report.md").read_text().startswith("# taskmerge report")
+    assert (run_dir / "plots" / "tap_vs_eval.png").stat().st_size > 10_000
+    assert "fine-tuned" in first.stdout and "selected" in first.stdout
+    zoos = list((cache_dir / "zoo").iterdir())
+    assert len(zoos) == 1
+
+    # a restart of the same run skips every finished candidate and rebuilds nothing
+    zoo_mtime = (zoos[0] / "base.safetensors").stat().st_mtime_ns
+    _run(run_dir, "selector=both", "method.search.alpha=[0.2,0.6,1.0]")
+    assert _rows(run_dir) == rows
+    assert (zoos[0] / "base.safetensors").stat().st_mtime_ns == zoo_mtime
+
+    # a run killed after its first candidate: the restart computes only the missing two, identically
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "candidates.jsonl").write_text(json.dumps(rows[0]) + "\n" + '{"method": "ta", "hpar')
+    _run(resumed, "selector=both", "method.search.alpha=[0.2,0.6,1.0]")
+    again = _rows(resumed)
+    assert [r["hparams"] for r in again] == [r["hparams"] for r in rows]
+    assert [r["tap"] for r in again] == [r["tap"] for r in rows], "same config, same TAP numbers"
+
+
+def test_fixed_alpha_runs_one_candidate_with_tap(tmp_path, cache_dir):
+    run_dir = tmp_path / "single"
+    _run(run_dir, "method.alpha=0.3")
+    rows = _rows(run_dir)
+    assert len(rows) == 1 and rows[0]["hparams"] == {"alpha": 0.3} and "eval" not in rows[0]
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert selection["selected"] == {"tap": {"alpha": 0.3}} and "agreement" not in selection
+    assert not (run_dir / "plots" / "tap_vs_eval.png").exists()
+
+
+def test_missing_task_name_fails_with_clear_error(tmp_path, cache_dir):
+    cmd = [sys.executable, "-m", "taskmerge.run", *TINY_OVERRIDES, f"hydra.run.dir={tmp_path}", "tasks.names=[digits,nosuchtask]"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown built-in task 'nosuchtask'" in result.stderr

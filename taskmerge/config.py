@@ -105,7 +105,7 @@ class TAConfig:
 class TAPConfig:
     n_samples: int = 128
     distance: Distance = Distance.l2
-    features: FeatureKind = FeatureKind.tokens
+    features: FeatureKind = FeatureKind.pooled
     seed: int = 0
     batch_size: int = 256
 

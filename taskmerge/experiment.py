@@ -4,6 +4,7 @@ selection → decoders re-trained on the selected encoder → test metrics → o
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from taskmerge.selection import evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
 from taskmerge.tasks import Task, build_builtin_task
-from taskmerge.tracking import CANDIDATES, CandidateLog, candidate_id, create_logger
+from taskmerge.tracking import CANDIDATES, CandidateLog, RunLogger, candidate_id, create_logger
 from taskmerge.zoo import Zoo, get_builtin_zoo
 
 REFERENCE_CACHE_VERSION = 1
@@ -90,8 +91,6 @@ def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Pa
                       Path(evaluation.__file__).read_text())
     path = Path(cache_dir) / "references" / f"{key[:32]}.json"
     if path.is_file():
-        import json
-
         return json.loads(path.read_text())
     base = setting.load_encoder(setting.zoo.base)
     result: dict[str, dict[str, dict[str, float]]] = {"base": {}, "finetuned": {}}
@@ -127,8 +126,12 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     try:
         with timer.stage("references"):
             refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))
-        rows = _score_candidates(cfg, setting, method, candidates, selector, protocol, refs, run_dir, timer, logger)
-        selection = _select_and_finalize(cfg, setting, method, selector, rows, protocol, refs, run_dir, timer)
+        with timer.stage("merge_prepare"):
+            pretrained = checkpoints.load_state_dict(setting.zoo.base)
+            finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[t.name]) for t in setting.tasks]
+            prepared = merging.prepare(method, pretrained, finetuned)
+        rows = _score_candidates(cfg, setting, prepared, candidates, selector, protocol, refs, run_dir, timer, logger)
+        selection = _select_and_finalize(cfg, setting, prepared, selector, rows, protocol, refs, run_dir, timer)
         timer.seconds["total"] = time.perf_counter() - start
         selection["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
         atomic_write_json(run_dir / "selection.json", selection)
@@ -146,8 +149,11 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         logger.finish()
 
 
-def _score_candidates(cfg, setting, method, candidates, selector, protocol, refs, run_dir, timer, logger) -> list[dict[str, Any]]:
+def _score_candidates(cfg: Mapping[str, Any], setting: Setting, prepared: merging.Prepared, candidates: list[dict[str, Any]],
+                      selector: str, protocol: DecoderProtocol, refs: Mapping[str, Any], run_dir: Path, timer: StageTimer,
+                      logger: RunLogger) -> list[dict[str, Any]]:
     """Score every candidate (TAP always, Eval for selector eval|both), resuming from `candidates.jsonl`."""
+    method = prepared.method.name
     tap_cfg = cfg["tap"]
     needs_eval = selector in ("eval", "both")
     with timer.stage("teacher_features"):
@@ -160,11 +166,7 @@ def _score_candidates(cfg, setting, method, candidates, selector, protocol, refs
     run_key = content_key(setting.zoo.key, dict(tap_cfg), vars(protocol), method)
     log = CandidateLog(run_dir / CANDIDATES)
     done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows() if r.get("run_key") == run_key and (r.get("eval") or not needs_eval)}
-    with timer.stage("merge_prepare"):
-        pretrained = checkpoints.load_state_dict(setting.zoo.base)
-        finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[t.name]) for t in setting.tasks]
-        prepared = merging.prepare(method, pretrained, finetuned)
-    student = setting.new_encoder(pretrained)
+    student = setting.new_encoder(prepared.merge(**candidates[0]))
     rows = []
     for hparams in tqdm(candidates, desc=f"candidates ({method}, selector={selector})"):
         key = candidate_id(method, hparams)
@@ -196,8 +198,11 @@ def _score_candidates(cfg, setting, method, candidates, selector, protocol, refs
     return rows
 
 
-def _select_and_finalize(cfg, setting, method, selector, rows, protocol, refs, run_dir, timer) -> dict[str, Any]:
+def _select_and_finalize(cfg: Mapping[str, Any], setting: Setting, prepared: merging.Prepared, selector: str,
+                         rows: list[dict[str, Any]], protocol: DecoderProtocol, refs: Mapping[str, Any], run_dir: Path,
+                         timer: StageTimer) -> dict[str, Any]:
     """Pick the candidate, re-train decoders on it, evaluate on test and build `selection.json`."""
+    method = prepared.method.name
     selected: dict[str, Any] = {}
     if selector in ("tap", "both"):
         selected["tap"] = search.pick_by_tap(rows)["hparams"]
@@ -206,9 +211,7 @@ def _select_and_finalize(cfg, setting, method, selector, rows, protocol, refs, r
     final_hparams = selected["eval" if selector == "eval" else "tap"]
     final_row = next(r for r in rows if r["hparams"] == final_hparams)
     with timer.stage("final"):
-        pretrained = checkpoints.load_state_dict(setting.zoo.base)
-        finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[t.name]) for t in setting.tasks]
-        merged = merging.merge(method, pretrained, finetuned, **final_hparams)
+        merged = prepared.merge(**final_hparams)
         encoder = setting.new_encoder(merged)
         test = evaluation.evaluate_encoder(encoder, setting.tasks, "test", protocol)
         normalized = evaluation.normalize_scores(test, refs["finetuned"]["test"], setting.tasks)

@@ -1,0 +1,42 @@
+import math
+
+import pytest
+
+from taskmerge.selection import search
+
+
+def _row(alpha, tap, evaluation=None):
+    row = {"method": "ta", "hparams": {"alpha": alpha}, "tap": {"mean": tap}}
+    if evaluation is not None:
+        row["eval"] = {"normalized": evaluation}
+    return row
+
+
+def test_grid_candidates_product_fixed_and_errors():
+    assert search.grid_candidates("ta", {}, {"alpha": [0.1, 0.2]}) == [{"alpha": 0.1}, {"alpha": 0.2}]
+    assert search.grid_candidates("ta", {"alpha": 0.3}, {"alpha": [0.1, 0.2]}) == [{"alpha": 0.3}]
+    assert search.grid_candidates("average", {}, {}) == [{}]
+    with pytest.raises(ValueError, match="no hyperparameter 'beta'"):
+        search.grid_candidates("ta", {}, {"beta": [1.0]})
+    with pytest.raises(ValueError, match="method.search.alpha is empty"):
+        search.grid_candidates("ta", {}, {"alpha": []})
+
+
+def test_picks_and_agreement_hand_values():
+    rows = [_row(0.1, 3.0, 0.70), _row(0.2, 1.0, 0.80), _row(0.3, 2.0, 0.90), _row(0.4, 4.0, 0.60)]
+    assert search.pick_by_tap(rows)["hparams"] == {"alpha": 0.2}
+    assert search.pick_by_eval(rows)["hparams"] == {"alpha": 0.3}
+    agreement = search.agreement(rows)
+    # TAP ranks (1..4): 3,1,2,4 ; Eval ranks: 2,3,4,1 -> d = 1,-2,-2,3 -> rho = 1 - 6*18/(4*15) = -0.8
+    assert agreement["spearman"] == pytest.approx(-0.8)
+    # pairs: 6; concordant (same order) 1, discordant 5 -> tau = (1 - 5)/6
+    assert agreement["kendall"] == pytest.approx(-4 / 6)
+    assert agreement["regret"] == pytest.approx(0.10)
+    assert agreement["n_candidates"] == 4
+
+
+def test_failed_candidates_are_ignored_by_selection():
+    rows = [_row(0.1, math.nan, 0.9), _row(0.2, 2.0, 0.5), {"method": "ta", "hparams": {"alpha": 0.3}, "error": "boom"}]
+    assert search.pick_by_tap(rows)["hparams"] == {"alpha": 0.2}
+    with pytest.raises(ValueError, match="no candidate has a finite TAP"):
+        search.pick_by_tap([rows[0]])

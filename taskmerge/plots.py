@@ -1,4 +1,5 @@
-"""Figures of a run: TAP vs Eval scatter per task and on average (the paper's Fig. 3)."""
+"""Figures: TAP vs Eval scatter per task and on average (paper Fig. 3), task-vector norms per layer and
+cosine similarities (paper Fig. 6, 12–14). Every figure is written atomically as PNG."""
 
 from __future__ import annotations
 
@@ -48,10 +49,45 @@ def plot_tap_vs_eval(
     axes.flat[len(panels) - 1].legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    return _save(fig, path)
+
+
+def _save(fig: "plt.Figure", path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
-    tmp = atomic_path(path.with_suffix(".png"))
+    tmp = atomic_path(path)
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_layer_norms(layers: Sequence[str], layer_norms: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
+    """Norm of every task vector per layer, one line per task (log scale when norms span a decade)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers)), 3.8))
+    for task, norms in layer_norms.items():
+        ax.plot(range(len(layers)), [norms[layer] for layer in layers], marker="o", ms=3, label=task)
+    values = [v for norms in layer_norms.values() for v in norms.values() if v > 0]
+    if values and max(values) > 10 * min(values):
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("‖τ_t‖₂ per layer")
+    ax.set_title("task-vector norms per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_cosine(tasks: Sequence[str], cosine: Sequence[Sequence[float]], with_mean: Mapping[str, float], path: str | Path) -> Path:
+    """Heatmap of cosine similarities between task vectors, with a last column for the mean task vector."""
+    matrix = [list(row) + [with_mean[t]] for t, row in zip(tasks, cosine)]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * (len(tasks) + 1), 0.9 + 0.6 * len(tasks)))
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(tasks) + 1), [*tasks, "mean τ"], rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_title("cosine similarity of task vectors")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)

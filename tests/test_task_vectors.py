@@ -26,7 +26,7 @@ def test_stats_hand_values():
     stats = task_vector_stats(base, fts, ["x", "y"])
     assert stats.norms == pytest.approx({"x": 5.0, "y": 1.0})
     assert stats.layer_norms["x"] == pytest.approx({"blocks.0": 3.0, "head": 4.0})
-    assert torch.allclose(torch.tensor(stats.cosine), torch.eye(2, dtype=torch.float64))
+    assert torch.allclose(torch.tensor(stats.cosine, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
     # mean τ = (1.5, 0.5, 2.0): cos(τx, m) = 12.5 / (5 · √6.5)
     assert stats.cosine_with_mean["x"] == pytest.approx(12.5 / (5 * 6.5**0.5))
     assert stats.layers == ["blocks.0", "head"], "integer buffers are not task-vector entries"

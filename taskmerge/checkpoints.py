@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,12 +23,25 @@ def atomic_path(path: Path) -> Path:
     return Path(tmp)
 
 
+def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; a tensor whose storage another one already uses is cloned (safetensors
+    refuses shared storage), the others are written without a copy."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state_dict.items():
+        tensor = value.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if pointer in seen and tensor.numel() else tensor
+        seen.add(pointer)
+    return out
+
+
 def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write `state_dict` as safetensors via a temporary file and a rename: never a half-written file."""
     path = Path(path)
     tmp = atomic_path(path)
     try:
-        save_file({k: v.detach().contiguous().cpu().clone() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+        save_file(_unshared(state_dict), str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -47,6 +61,72 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(loaded).__name__}")
         return dict(loaded)
     raise ValueError(f"{path}: unsupported checkpoint suffix {path.suffix!r}; expected .safetensors, .pt, .pth or .bin")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """Read-only state dict over a safetensors file: each access reads one tensor with `pread`.
+
+    Tensors are read into fresh process memory and released when dropped; nothing stays mapped, so a
+    merge that walks keys over T of these keeps its peak memory independent of T (the file pages
+    live in the OS cache, not in the process's resident set).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {self.path}")
+        with self.path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            try:
+                header = json.loads(handle.read(size))
+            except ValueError as error:
+                raise ValueError(f"{self.path}: not a safetensors file ({error})") from error
+        header.pop("__metadata__", None)
+        self._offset = 8 + size
+        self._entries = header
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._entries:
+            raise KeyError(f"{key!r} not in {self.path}")
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        if end > begin:
+            buffer = tensor.view(-1).view(torch.uint8).numpy()
+            with self.path.open("rb", buffering=0) as handle:
+                handle.seek(self._offset + begin)
+                read = handle.readinto(memoryview(buffer))
+            if read != end - begin:
+                raise OSError(f"{self.path}: truncated tensor {key!r} ({read} of {end - begin} bytes)")
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({str(self.path)!r}, {len(self)} tensors)"
+
+
+def open_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A mapping as it is; a `.safetensors` path memory-mapped lazily; other checkpoint paths loaded."""
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        return LazyStateDict(path)
+    return load_state_dict(path)
 
 
 def fingerprint(path: str | Path) -> str:

@@ -48,3 +48,20 @@ def test_checkpoint_io_errors_and_formats(tmp_path):
     path = checkpoints.save_state_dict(tmp_path / "out.safetensors", state)
     assert torch.equal(checkpoints.load_state_dict(path)["w"], state["w"])
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_lazy_state_dict_reads_every_dtype_and_shape(tmp_path):
+    weight = torch.randn(3, 4)
+    state = {"bf16": torch.ones(2, dtype=torch.bfloat16), "f64": torch.arange(3, dtype=torch.float64),
+             "scalar": torch.tensor(2.5), "steps": torch.tensor(7), "empty": torch.empty(0, 3),
+             "w": weight, "w_tied": weight, "mask": torch.tensor([True, False])}
+    path = checkpoints.save_state_dict(tmp_path / "m.safetensors", state)
+    lazy = checkpoints.open_state_dict(path)
+    assert isinstance(lazy, checkpoints.LazyStateDict) and sorted(lazy) == sorted(state) and len(lazy) == len(state)
+    for key, tensor in state.items():
+        assert lazy[key].dtype == tensor.dtype and torch.equal(lazy[key], tensor)
+    with pytest.raises(KeyError, match="nope"):
+        lazy["nope"]
+    (tmp_path / "bad.safetensors").write_bytes((4).to_bytes(8, "little") + b"{{{{")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        checkpoints.LazyStateDict(tmp_path / "bad.safetensors")

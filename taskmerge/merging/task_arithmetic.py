@@ -15,13 +15,23 @@ from taskmerge.merging._checks import is_mergeable
 from taskmerge.merging._registry import HParam, MergeMethod, PreparedMerge, finite_float, register
 
 
+def stacked_task_vectors(key: str, base: torch.Tensor, finetuned: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """τ_t[key] for every task as one `[T, *shape]` tensor, filled in place: peak memory is the stack
+    plus one checkpoint tensor, whatever T."""
+    stack = torch.empty((len(finetuned), *base.shape), dtype=base.dtype)
+    for index, model in enumerate(finetuned):
+        torch.sub(model[key], base, out=stack[index])
+    return stack
+
+
 def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Σ_t (θ_t − θ0) for every floating-point key, computed key by key."""
-    return {
-        key: torch.stack([model[key] - base for model in finetuned]).sum(0)
-        for key, base in pretrained.items()
-        if is_mergeable(base)
-    }
+    total = {}
+    for key in pretrained:
+        base = pretrained[key]
+        if is_mergeable(base):
+            total[key] = stacked_task_vectors(key, base, finetuned).sum(0)
+    return total
 
 
 class _ScaledSum(PreparedMerge):

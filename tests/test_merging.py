@@ -79,3 +79,16 @@ def test_bad_method_and_hparams():
         merging.merge("ta", _model(0.0), [_model(1.0)], alpah=1.0)
     with pytest.raises(ValueError, match="alpha='x' is invalid"):
         merging.merge("ta", _model(0.0), [_model(1.0)], alpha="x")
+
+
+def test_merge_from_safetensors_paths_equals_in_memory(tmp_path):
+    from taskmerge import checkpoints
+
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(5, 3, generator=gen), "steps": torch.tensor(3)}
+    fts = [{"w": base["w"] + torch.randn(5, 3, generator=gen), "steps": torch.tensor(9)} for _ in range(3)]
+    base_path = checkpoints.save_state_dict(tmp_path / "base.safetensors", base)
+    paths = [checkpoints.save_state_dict(tmp_path / f"ft{i}.safetensors", ft) for i, ft in enumerate(fts)]
+    from_disk = merging.merge("ta", base_path, paths, alpha=0.4)
+    in_memory = merging.merge("ta", base, fts, alpha=0.4)
+    assert from_disk.keys() == in_memory.keys() and all(torch.equal(from_disk[k], in_memory[k]) for k in in_memory)

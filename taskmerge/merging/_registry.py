@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
 
 import torch
 
+from taskmerge.checkpoints import open_state_dict
 from taskmerge.merging._checks import validate_checkpoints
 
 Tensors = Mapping[str, torch.Tensor]
+Source = Union[Tensors, str, Path]
 
 
 @dataclass(frozen=True)
@@ -98,20 +101,25 @@ class Prepared:
         values = {k: h.default for k, h in self.method.hparams.items() if k not in self.method.prepare_hparams}
         values.update(swept)
         merged = self._state.combine(**values)
-        return {key: merged.get(key, tensor) for key, tensor in self._pretrained.items()}
+        return {key: merged[key] if key in merged else self._pretrained[key] for key in self._pretrained}
 
 
-def prepare(method: str, pretrained: Tensors, finetuned: Sequence[Tensors], **fixed: Any) -> Prepared:
-    """Validate the checkpoints and run `method`'s hyperparameter-independent preparation."""
+def prepare(method: str, pretrained: Source, finetuned: Sequence[Source], **fixed: Any) -> Prepared:
+    """Validate the checkpoints and run `method`'s hyperparameter-independent preparation.
+
+    Checkpoints are mappings or paths; `.safetensors` paths are read key by key, never whole.
+    """
     cls = get_method(method)
     _check_hparams(cls, fixed)
+    pretrained = open_state_dict(pretrained)
+    finetuned = [open_state_dict(model) for model in finetuned]
     validate_checkpoints(pretrained, finetuned)
     prepare_values = {k: fixed.get(k, cls.hparams[k].default) for k in cls.prepare_hparams}
     state = cls().prepare(pretrained, finetuned, **prepare_values)
     return Prepared(cls, pretrained, state, {k: v for k, v in fixed.items() if k in cls.prepare_hparams})
 
 
-def merge(method: str, pretrained: Tensors, finetuned: Sequence[Tensors], **hparams: Any) -> dict[str, torch.Tensor]:
+def merge(method: str, pretrained: Source, finetuned: Sequence[Source], **hparams: Any) -> dict[str, torch.Tensor]:
     """Merge `finetuned` into `pretrained` with `method` at `hparams` (one-shot `prepare` + `merge`)."""
     cls = get_method(method)
     fixed = {k: v for k, v in hparams.items() if k in cls.prepare_hparams}

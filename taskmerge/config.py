@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from taskmerge.method_schemas import METHOD_SCHEMAS
+
 
 class Distance(str, Enum):
     l2 = "l2"
@@ -174,6 +176,7 @@ SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     ("decoder", "decoder_schema"): DecoderConfig,
     ("logger", "logger_schema"): LoggerConfig,
     ("paths", "paths_schema"): PathsConfig,
+    **METHOD_SCHEMAS,
 }
 
 

@@ -62,6 +62,25 @@ class Setting:
         return self.new_encoder(checkpoints.load_state_dict(path))
 
 
+class CandidateMerger:
+    """Merges the candidates of one method from the zoo's checkpoints, re-running the costly `prepare`
+    only when the prepare-time hyperparameters change (grids order them slowest)."""
+
+    def __init__(self, method: str, setting: Setting, timer: StageTimer) -> None:
+        self.method, self._timer = method, timer
+        self._sources = (setting.zoo.base, [setting.zoo.finetuned[t.name] for t in setting.tasks])
+        self._fixed: dict[str, Any] | None = None
+        self._prepared: merging.Prepared | None = None
+
+    def __call__(self, hparams: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        fixed, swept = merging.split_hparams(self.method, hparams)
+        if self._prepared is None or fixed != self._fixed:
+            with self._timer.stage("merge_prepare"):
+                self._prepared = merging.prepare(self.method, *self._sources, **fixed)
+            self._fixed = fixed
+        return self._prepared.merge(**swept)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` → CUDA when available, else CPU; anything else is passed to torch."""
     if name == "auto":
@@ -126,12 +145,9 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     try:
         with timer.stage("references"):
             refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))
-        with timer.stage("merge_prepare"):
-            pretrained = checkpoints.load_state_dict(setting.zoo.base)
-            finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[t.name]) for t in setting.tasks]
-            prepared = merging.prepare(method, pretrained, finetuned)
-        rows = _score_candidates(cfg, setting, prepared, candidates, selector, protocol, refs, run_dir, timer, logger)
-        selection = _select_and_finalize(cfg, setting, prepared, selector, rows, protocol, refs, run_dir, timer)
+        merger = CandidateMerger(method, setting, timer)
+        rows = _score_candidates(cfg, setting, merger, candidates, selector, protocol, refs, run_dir, timer, logger)
+        selection = _select_and_finalize(cfg, setting, merger, selector, rows, protocol, refs, run_dir, timer)
         timer.seconds["total"] = time.perf_counter() - start
         selection["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
         atomic_write_json(run_dir / "selection.json", selection)
@@ -149,11 +165,11 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         logger.finish()
 
 
-def _score_candidates(cfg: Mapping[str, Any], setting: Setting, prepared: merging.Prepared, candidates: list[dict[str, Any]],
+def _score_candidates(cfg: Mapping[str, Any], setting: Setting, merger: CandidateMerger, candidates: list[dict[str, Any]],
                       selector: str, protocol: DecoderProtocol, refs: Mapping[str, Any], run_dir: Path, timer: StageTimer,
                       logger: RunLogger) -> list[dict[str, Any]]:
     """Score every candidate (TAP always, Eval for selector eval|both), resuming from `candidates.jsonl`."""
-    method = prepared.method.name
+    method = merger.method
     tap_cfg = cfg["tap"]
     needs_eval = selector in ("eval", "both")
     with timer.stage("teacher_features"):
@@ -166,7 +182,7 @@ def _score_candidates(cfg: Mapping[str, Any], setting: Setting, prepared: mergin
     run_key = content_key(setting.zoo.key, dict(tap_cfg), vars(protocol), method)
     log = CandidateLog(run_dir / CANDIDATES)
     done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows() if r.get("run_key") == run_key and (r.get("eval") or not needs_eval)}
-    student = setting.new_encoder(prepared.merge(**candidates[0]))
+    student = setting.new_encoder(merger(candidates[0]))
     rows = []
     for hparams in tqdm(candidates, desc=f"candidates ({method}, selector={selector})"):
         key = candidate_id(method, hparams)
@@ -175,7 +191,7 @@ def _score_candidates(cfg: Mapping[str, Any], setting: Setting, prepared: mergin
             continue
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        student.load_state_dict(prepared.merge(**hparams))
+        student.load_state_dict(merger(hparams))
         seconds["merge"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         row: dict[str, Any] = {"method": method, "hparams": hparams,
@@ -198,11 +214,11 @@ def _score_candidates(cfg: Mapping[str, Any], setting: Setting, prepared: mergin
     return rows
 
 
-def _select_and_finalize(cfg: Mapping[str, Any], setting: Setting, prepared: merging.Prepared, selector: str,
+def _select_and_finalize(cfg: Mapping[str, Any], setting: Setting, merger: CandidateMerger, selector: str,
                          rows: list[dict[str, Any]], protocol: DecoderProtocol, refs: Mapping[str, Any], run_dir: Path,
                          timer: StageTimer) -> dict[str, Any]:
     """Pick the candidate, re-train decoders on it, evaluate on test and build `selection.json`."""
-    method = prepared.method.name
+    method = merger.method
     selected: dict[str, Any] = {}
     if selector in ("tap", "both"):
         selected["tap"] = search.pick_by_tap(rows)["hparams"]
@@ -211,7 +227,7 @@ def _select_and_finalize(cfg: Mapping[str, Any], setting: Setting, prepared: mer
     final_hparams = selected["eval" if selector == "eval" else "tap"]
     final_row = next(r for r in rows if r["hparams"] == final_hparams)
     with timer.stage("final"):
-        merged = prepared.merge(**final_hparams)
+        merged = merger(final_hparams)
         encoder = setting.new_encoder(merged)
         test = evaluation.evaluate_encoder(encoder, setting.tasks, "test", protocol)
         normalized = evaluation.normalize_scores(test, refs["finetuned"]["test"], setting.tasks)

@@ -119,9 +119,15 @@ def prepare(method: str, pretrained: Source, finetuned: Sequence[Source], **fixe
     return Prepared(cls, pretrained, state, {k: v for k, v in fixed.items() if k in cls.prepare_hparams})
 
 
-def merge(method: str, pretrained: Source, finetuned: Sequence[Source], **hparams: Any) -> dict[str, torch.Tensor]:
-    """Merge `finetuned` into `pretrained` with `method` at `hparams` (one-shot `prepare` + `merge`)."""
+def split_hparams(method: str, hparams: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prepare-time, swept) parts of `hparams` for `method`: candidates that share the first part share one
+    `prepare()`."""
     cls = get_method(method)
     fixed = {k: v for k, v in hparams.items() if k in cls.prepare_hparams}
-    swept = {k: v for k, v in hparams.items() if k not in cls.prepare_hparams}
+    return fixed, {k: v for k, v in hparams.items() if k not in cls.prepare_hparams}
+
+
+def merge(method: str, pretrained: Source, finetuned: Sequence[Source], **hparams: Any) -> dict[str, torch.Tensor]:
+    """Merge `finetuned` into `pretrained` with `method` at `hparams` (one-shot `prepare` + `merge`)."""
+    fixed, swept = split_hparams(method, hparams)
     return prepare(method, pretrained, finetuned, **fixed).merge(**swept)

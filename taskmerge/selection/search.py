@@ -18,13 +18,16 @@ from taskmerge.merging import get_method
 def grid_candidates(method: str, fixed: Mapping[str, Any], search: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """The product of the search lists; a hyperparameter given a fixed value is not searched.
 
+    Prepare-time hyperparameters vary slowest, so candidates sharing a preparation are contiguous.
     Hyperparameters neither fixed nor searched keep the method's defaults (they are not listed).
     """
     known = get_method(method).hparams
     for name in [*fixed, *search]:
         if name not in known:
             raise ValueError(f"method {method!r} has no hyperparameter {name!r}; known: {sorted(known)}")
-    axes = {name: list(values) for name, values in search.items() if name not in fixed}
+    prepare_time = get_method(method).prepare_hparams
+    order = sorted((name for name in search if name not in fixed), key=lambda name: name not in prepare_time)
+    axes = {name: list(search[name]) for name in order}
     for name, values in axes.items():
         if not values:
             raise ValueError(f"method.search.{name} is empty; give at least one value or fix method.{name}")

@@ -1,0 +1,271 @@
+"""Helpers shared by the merge methods: key orders, flattening, lazy task vectors, the "matrix" rule,
+SVD block assembly, polar orthogonalisation, running means, composition with a base method, the
+θ0 + α·Δ prepared state and hyperparameter checks.
+
+Key orders. Two orders are used, never mixed up:
+* state-dict order (`float_keys`): the order of the pretrained mapping, used wherever the reference
+  iterates a state dict key by key (DARE's RNG stream, running means);
+* Python `sorted()` order (`sorted_float_keys`): the tall_masks-lineage flat vector (`state_dict_to_vector`),
+  used wherever a method reduces over the whole flattened model (TIES trimming and majority sign, LiNeS norms,
+  NormAvg norms).
+
+Memory. Task vectors are never materialised all at once: `TaskVector` computes `θ_t[key] − θ0[key]` when a
+key is read, so besides its d-sized results a method holds at most one key's T tensors (or one task's flat
+d-vector) at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import abstractmethod
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from taskmerge.merging._checks import is_mergeable
+from taskmerge.merging._registry import MergeMethod, PreparedMerge, finite_float, get_method
+
+Tensors = Mapping[str, torch.Tensor]
+
+DEFAULT_MATRIX_EXCLUDE = "text_projection"
+
+
+# ----------------------------------------------------------------------------------------------- keys
+
+
+def float_keys(pretrained: Tensors) -> list[str]:
+    """The floating-point (merged) keys in state-dict order."""
+    return [key for key, tensor in pretrained.items() if is_mergeable(tensor)]
+
+
+def sorted_float_keys(pretrained: Tensors) -> list[str]:
+    """The floating-point keys in Python `sorted()` order, the order of the reference's flat vector."""
+    return sorted(float_keys(pretrained))
+
+
+def flatten(tensors: Tensors, keys: Sequence[str]) -> torch.Tensor:
+    """One flat vector of `tensors[key]` for `keys` in that order (`state_dict_to_vector` with sorted keys)."""
+    return torch.cat([tensors[key].reshape(-1) for key in keys])
+
+
+def unflatten(flat: torch.Tensor, like: Tensors, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Inverse of `flatten`: split `flat` into tensors shaped as `like[key]` (views into `flat`)."""
+    out, start = {}, 0
+    for key in keys:
+        numel = like[key].numel()
+        out[key] = flat[start:start + numel].view(like[key].shape)
+        start += numel
+    if start != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} entries, the keys need {start}")
+    return out
+
+
+# ------------------------------------------------------------------------------------- task vectors
+
+
+class TaskVector(Mapping[str, torch.Tensor]):
+    """τ_t = θ_t − θ0 over the floating-point keys, computed lazily each time a key is read."""
+
+    def __init__(self, pretrained: Tensors, finetuned: Tensors) -> None:
+        self._pretrained, self._finetuned = pretrained, finetuned
+        self._keys = float_keys(pretrained)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._pretrained or not is_mergeable(self._pretrained[key]):
+            raise KeyError(key)
+        return self._finetuned[key] - self._pretrained[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def task_vectors(pretrained: Tensors, finetuned: Sequence[Tensors]) -> list[TaskVector]:
+    """The lazy task vectors τ_1..τ_T, in task order."""
+    return [TaskVector(pretrained, model) for model in finetuned]
+
+
+def zero_base(pretrained: Tensors) -> dict[str, torch.Tensor]:
+    """Zeros shaped like every floating-point key of `pretrained` (broadcast views, no memory).
+
+    Running a method on (zero_base, task vectors) gives its update Δ exactly: τ − 0 = τ and 0 + 1.0·Δ = Δ bitwise.
+    """
+    return {
+        key: torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+        for key, tensor in pretrained.items()
+        if is_mergeable(tensor)
+    }
+
+
+# ------------------------------------------------------------------------------------ matrix rule
+
+
+def is_matrix(key: str, tensor: torch.Tensor, exclude: str | None = DEFAULT_MATRIX_EXCLUDE) -> bool:
+    """A tensor is a "matrix" when it is 2-D after dropping its size-1 dimensions and its key does not match
+    the regex `exclude` (`re.search`; default `text_projection`, the reference's exclusion; None or "" excludes
+    nothing). 4-D `conv1.weight`, 1-D and 0-D tensors are not matrices."""
+    if exclude and re.search(exclude, key):
+        return False
+    return sum(1 for size in tensor.shape if size != 1) == 2
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-D view of a tensor that `is_matrix` accepted (size-1 dimensions dropped)."""
+    return tensor.reshape([size for size in tensor.shape if size != 1])
+
+
+def running_mean(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Incremental mean in the given order: m ← clone(x_1); m ← m + (x_t − m)/t (TSV-M / Iso-CTS reference)."""
+    mean = None
+    for i, tensor in enumerate(tensors):
+        if i == 0:
+            mean = tensor.clone()
+        else:
+            mean += (tensor - mean) / (i + 1)
+    if mean is None:
+        raise ValueError("running_mean of no tensors")
+    return mean
+
+
+def python_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Left-to-right sum `((x_1 + x_2) + x_3) + …`, the rounding of the reference's Python `sum(...)`."""
+    total = None
+    for tensor in tensors:
+        total = tensor if total is None else total + tensor
+    if total is None:
+        raise ValueError("python_sum of no tensors")
+    return total
+
+
+class SVDBlocks:
+    """Zero-initialised buffers Û (m×width), σ̂ (width), V̂ᵀ (width×n) into which the leading singular triplets
+    of several matrices are written block by block (TSV-M, Iso-CTS)."""
+
+    def __init__(self, rows: int, cols: int, width: int, like: torch.Tensor) -> None:
+        self.u = torch.zeros(rows, width, dtype=like.dtype, device=like.device)
+        self.s = torch.zeros(width, dtype=like.dtype, device=like.device)
+        self.vh = torch.zeros(width, cols, dtype=like.dtype, device=like.device)
+
+    def put(self, start: int, count: int, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
+        """Write the first `count` triplets of (u, s, vh) at positions [start, start + count)."""
+        self.u[:, start:start + count] = u[:, :count]
+        self.s[start:start + count] = s[:count]
+        self.vh[start:start + count, :] = vh[:count, :]
+
+
+def polar_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, Q) from the thin SVD `matrix = P Σ Q`; their product P Q is the orthogonal polar factor (the nearest
+    matrix with orthonormal columns/rows). Returned as two factors so callers can multiply them as the reference."""
+    p, _, q = torch.linalg.svd(matrix, full_matrices=False)
+    return p, q
+
+
+# -------------------------------------------------------------------------------- prepared states
+
+
+def reject_extra(extra: Mapping[str, Any]) -> None:
+    """`combine` receives only swept hyperparameters; anything else was a prepare-time one."""
+    if extra:
+        raise ValueError(
+            f"hyperparameters {sorted(extra)} are fixed at prepare() time; pass them to prepare() instead of sweeping them"
+        )
+
+
+class ScaledDelta(PreparedMerge):
+    """A precomputed update Δ; `combine(alpha)` returns θ0 + α·Δ per key (α a Python float, as `apply_to`)."""
+
+    def __init__(self, pretrained: Tensors, delta: dict[str, torch.Tensor]) -> None:
+        self.pretrained, self.delta = pretrained, delta
+
+    def combine(self, alpha: float, **extra: Any) -> dict[str, torch.Tensor]:
+        reject_extra(extra)
+        return {key: self.pretrained[key] + alpha * tau for key, tau in self.delta.items()}
+
+
+class DeltaMethod(MergeMethod):
+    """A method of the form θ* = θ0 + α·Δ: subclasses compute the unscaled Δ in `delta` (the costly part, with
+    the prepare-time hyperparameters); `prepare` wraps it in `ScaledDelta`, whose `combine(alpha)` is cheap."""
+
+    @abstractmethod
+    def delta(self, pretrained: Tensors, finetuned: Sequence[Tensors], **fixed: Any) -> dict[str, torch.Tensor]:
+        """Δ for the floating-point keys."""
+
+    def prepare(self, pretrained: Tensors, finetuned: Sequence[Tensors], **fixed: Any) -> ScaledDelta:
+        return ScaledDelta(pretrained, self.delta(pretrained, finetuned, **fixed))
+
+
+def base_delta(method: str, pretrained: Tensors, finetuned: Sequence[Tensors], **fixed: Any) -> dict[str, torch.Tensor]:
+    """The unscaled update Δ of the registered method `method` (composition of methods).
+
+    Its prepare-time hyperparameters are taken from `fixed` (others ignored) or its defaults. A `DeltaMethod`
+    returns Δ directly; any other method (the spine's `ta`) is prepared on (zeros, task vectors) and combined
+    at alpha = 1.0, which is exactly Δ because τ − 0 = τ and 0 + 1.0·Δ = Δ. `finetuned` may itself hold task
+    vectors with `pretrained` = `zero_base(...)` (DARE's dropped vectors).
+    """
+    cls = get_method(method)
+    values = {k: fixed.get(k, cls.hparams[k].default) for k in cls.prepare_hparams}
+    if issubclass(cls, DeltaMethod):
+        return cls().delta(pretrained, finetuned, **values)
+    state = cls().prepare(zero_base(pretrained), task_vectors(pretrained, finetuned), **values)
+    return state.combine(alpha=1.0)
+
+
+# ------------------------------------------------------------------------------ hyperparameter checks
+
+
+def number_in(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    """Check: a finite number in the interval (open or closed at each end)."""
+
+    def check(value: Any) -> bool:
+        if not finite_float(value):
+            return False
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    return check
+
+
+def interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
+    """Text of an interval for `HParam.expected`."""
+    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and value in choices
+
+
+def int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def regex_or_none(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
+
+
+def sequence_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """Check: a non-empty list/tuple (or omegaconf ListConfig) whose items all pass `check`."""
+
+    def check_all(value: Any) -> bool:
+        return isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) > 0 and all(check(v) for v in value)
+
+    return check_all
+
+
+def scalar_or_sequence(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    seq = sequence_of(check)
+    return lambda value: check(value) or seq(value)

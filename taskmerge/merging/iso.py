@@ -1,0 +1,131 @@
+"""Iso-C (`iso_c`) and Iso-CTS (`iso_cts`): isotropic merging (Marczak et al.).
+
+Reference: `danielm1405/iso-merging: src/utils/iso.py:iso_c, iso_cts`. Matrix rule as `tsv` (2-D after dropping
+size-1 dimensions, key not matching `exclude`, default `text_projection`). θ* = θ0 + α·Δ for all keys.
+
+Iso-C, per matrix key: M = (Σ_t τ_t / T)·T (the reference divides then multiplies), M = U diag(σ) Vᵀ,
+Δ = U diag(mean(σ)·1) Vᵀ (all r = min(m, n) singular values, no truncation). Non-matrices: Σ_t τ_t / T
+(left-to-right sum, then divide — not the running mean).
+
+Iso-CTS, per matrix key, r = min(m, n), f = `common_fraction`:
+1. k_c = r − round((r − int(r·f))/T)·T (Python `round`, banker's rounding), n = (r − k_c)/T per task;
+2. W = Σ_t τ_t, U, σ, Vᵀ = svd(W); the common subspace is its first k_c triplets;
+3. per task: W_t^ts = W_t − (U_c U_cᵀ) W_t, svd, its top-n triplets go to block t ([t·n, (t+1)·n)) of zero
+   buffers Û (m×r), σ̂ (r), V̂ᵀ (r×n);
+4. the k_c common triplets go AFTER the task blocks, at [T·n, T·n + k_c);
+5. polar factors: U⊥ = P Q of Û, V⊥ = R S of V̂ᵀ;
+6. σ̂ ← mean(σ̂)·1, the mean over the task-specific AND the common singular values;
+7. Δ = multi_dot((U⊥, diag(σ̂), V⊥)).
+Non-matrices: running mean in task order (as TSV-M). With n = 0 (e.g. r = 50, T = 20) Iso-CTS is Iso-C on the
+top-r subspace. Every SVD happens in `prepare`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from taskmerge.merging._helpers import (
+    DEFAULT_MATRIX_EXCLUDE,
+    DeltaMethod,
+    SVDBlocks,
+    as_matrix,
+    float_keys,
+    interval,
+    is_matrix,
+    number_in,
+    polar_factors,
+    python_sum,
+    regex_or_none,
+    running_mean,
+    task_vectors,
+)
+from taskmerge.merging._registry import HParam, finite_float, register
+
+_ALPHA = HParam(1.0, finite_float, "a finite number (scaling coefficient)")
+_EXCLUDE = HParam(DEFAULT_MATRIX_EXCLUDE, regex_or_none, "a regular expression or null (keys never treated as matrices)")
+
+
+def iso_c_matrix(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Iso-C of the task matrices: the sum with all its singular values replaced by their mean."""
+    merged = python_sum(matrices) / len(matrices)
+    merged *= len(matrices)
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    return torch.linalg.multi_dot((u, torch.diag(torch.ones_like(s) * s.mean()), vh))
+
+
+def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(k_c, n): size of the common subspace and task-specific components per task (banker's `round`)."""
+    common = int(rank * common_fraction)
+    common = rank - round((rank - common) / num_tasks) * num_tasks
+    if common < 0:
+        raise ValueError(
+            f"common_fraction={common_fraction!r} leaves a negative common subspace for rank {rank} and {num_tasks} tasks; "
+            "use a larger common_fraction"
+        )
+    return common, int((rank - common) / num_tasks)
+
+
+def iso_cts_matrix(matrices: Sequence[torch.Tensor], common_fraction: float) -> torch.Tensor:
+    """Iso-CTS of the task matrices (task order)."""
+    num_tasks = len(matrices)
+    rows, cols = matrices[0].shape
+    rank = min(rows, cols)
+    common, per_task = iso_cts_split(rank, num_tasks, common_fraction)
+    u, s, vh = torch.linalg.svd(python_sum(matrices), full_matrices=False)
+    u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common, :]
+    blocks = SVDBlocks(rows, cols, rank, matrices[0])
+    if per_task > 0:
+        for i, matrix in enumerate(matrices):
+            residual = matrix - u_c @ u_c.T @ matrix
+            u_ts, s_ts, vh_ts = torch.linalg.svd(residual, full_matrices=False)
+            blocks.put(i * per_task, per_task, u_ts, s_ts, vh_ts)
+    blocks.put(num_tasks * per_task, common, u_c, s_c, vh_c)
+    p_u, q_u = polar_factors(blocks.u)
+    p_v, q_v = polar_factors(blocks.vh)
+    sigma = torch.ones_like(blocks.s) * blocks.s.mean()
+    return torch.linalg.multi_dot((p_u @ q_u, torch.diag(sigma), p_v @ q_v))
+
+
+@register
+class IsoC(DeltaMethod):
+    """θ0 + α·Iso-C(τ_1..τ_T) (matrices: flattened spectrum of Σ τ_t; others: Σ τ_t / T)."""
+
+    name = "iso_c"
+    hparams = {"alpha": _ALPHA, "exclude": _EXCLUDE}
+    prepare_hparams = ("exclude",)
+
+    def delta(self, pretrained, finetuned, *, exclude: str | None, **_: Any):
+        vectors = task_vectors(pretrained, finetuned)
+        delta = {}
+        for key in float_keys(pretrained):
+            if is_matrix(key, pretrained[key], exclude):
+                delta[key] = iso_c_matrix([as_matrix(vector[key]) for vector in vectors]).reshape(pretrained[key].shape)
+            else:
+                delta[key] = python_sum(vector[key] for vector in vectors) / len(vectors)
+        return delta
+
+
+@register
+class IsoCTS(DeltaMethod):
+    """θ0 + α·Iso-CTS(τ_1..τ_T; common_fraction) (matrices: common + task-specific subspaces; others: running mean)."""
+
+    name = "iso_cts"
+    hparams = {
+        "alpha": _ALPHA,
+        "common_fraction": HParam(0.8, number_in(0, 1), interval(0, 1) + " (fraction of the rank given to the common subspace)"),
+        "exclude": _EXCLUDE,
+    }
+    prepare_hparams = ("common_fraction", "exclude")
+
+    def delta(self, pretrained, finetuned, *, common_fraction: float, exclude: str | None, **_: Any):
+        vectors = task_vectors(pretrained, finetuned)
+        delta = {}
+        for key in float_keys(pretrained):
+            if is_matrix(key, pretrained[key], exclude):
+                merged = iso_cts_matrix([as_matrix(vector[key]) for vector in vectors], common_fraction)
+                delta[key] = merged.reshape(pretrained[key].shape)
+            else:
+                delta[key] = running_mean(vector[key] for vector in vectors)
+        return delta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -105,6 +106,27 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             if read != end - begin:
                 raise OSError(f"{self.path}: truncated tensor {key!r} ({read} of {end - begin} bytes)")
         return tensor
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor `key`, reading only those bytes."""
+        dtype, shape = self.meta(key)
+        numel = math.prod(shape)
+        if not 0 <= start <= stop <= numel:
+            raise IndexError(f"{key!r}: range [{start}, {stop}) outside its {numel} elements")
+        out = torch.empty(stop - start, dtype=dtype)
+        if stop > start:
+            width = out.element_size()
+            with self.path.open("rb", buffering=0) as handle:
+                handle.seek(self._offset + self._entries[key]["data_offsets"][0] + start * width)
+                read = handle.readinto(memoryview(out.view(torch.uint8).numpy()))
+            if read != (stop - start) * width:
+                raise OSError(f"{self.path}: truncated tensor {key!r}")
+        return out
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of `key` from the file header, without reading the tensor."""
+        entry = self._entries[key]
+        return _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

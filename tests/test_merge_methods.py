@@ -631,19 +631,30 @@ def test_prepare_then_sweep_equals_merge_and_reuses_preparation(method, monkeypa
             assert torch.equal(got[key], want[key]), key
 
 
-def test_ties_threshold_is_computed_per_task_on_flat_vectors(monkeypatch):
+def test_ties_threshold_equals_kthvalue_of_each_flat_task_vector(monkeypatch):
+    from taskmerge.merging import _helpers
+    from taskmerge.merging._helpers import sorted_float_keys
+    from taskmerge.merging.ties import trim_thresholds
+
+    monkeypatch.setattr(_helpers, "CHUNK", 7)  # blocks that straddle rows and keys
     pre, fts = make_checkpoints(4, blocks=2)
-    d = sum(v.numel() for v in pre.values())
-    seen = []
-    original = torch.Tensor.kthvalue
+    keys = sorted_float_keys(pre)
+    for k in (20, 5, 73.5):
+        got = trim_thresholds(pre, fts, keys, k)
+        for model, threshold in zip(fts, got):
+            flat = torch.cat([(model[key] - pre[key]).reshape(-1) for key in keys]).abs()
+            d = flat.numel()
+            assert threshold.item() == flat.kthvalue(d - int(d * k / 100)).values.item()
 
-    def spy(self, *args, **kwargs):
-        seen.append(tuple(self.shape))
-        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.Tensor, "kthvalue", spy)
-    merging.prepare("ties", pre, fts, k=20)
-    assert seen == [(d,)] * 4
+def test_ties_blocks_do_not_change_the_result(monkeypatch):
+    from taskmerge.merging import _helpers
+
+    pre, fts = make_checkpoints(3, blocks=2)
+    whole = merging.merge("ties", pre, fts, k=20, alpha=1.0)
+    monkeypatch.setattr(_helpers, "CHUNK", 5)
+    blocked = merging.merge("ties", pre, fts, k=20, alpha=1.0)
+    assert all(torch.equal(whole[key], blocked[key]) for key in whole)
 
 
 def test_prepare_time_hparams_cannot_be_swept():

@@ -6,10 +6,31 @@ from typing import Mapping, Sequence
 
 import torch
 
+from taskmerge.checkpoints import LazyStateDict
+
 
 def is_mergeable(tensor: torch.Tensor) -> bool:
     """Floating-point tensors are merged; integer and boolean buffers are copied from the base."""
     return tensor.is_floating_point()
+
+
+def key_meta(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """dtype and shape of one entry; read from the header for lazily loaded checkpoints."""
+    if isinstance(state_dict, LazyStateDict):
+        return state_dict.meta(key)
+    tensor = state_dict[key]
+    return tensor.dtype, tuple(tensor.shape)
+
+
+def mergeable_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The floating-point keys, in mapping order, without reading lazily loaded tensors."""
+    return [key for key in state_dict if key_meta(state_dict, key)[0].is_floating_point]
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str], where: str) -> None:
+    for name in keys:
+        if not torch.isfinite(state_dict[name]).all():
+            raise ValueError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
 def validate_checkpoints(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> None:
@@ -17,9 +38,8 @@ def validate_checkpoints(pretrained: Mapping[str, torch.Tensor], finetuned: Sequ
     every floating-point tensor is finite."""
     if len(finetuned) < 1:
         raise ValueError("merging needs at least one fine-tuned model, got none")
-    for name, tensor in pretrained.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"pretrained checkpoint: tensor {name!r} contains NaN or Inf")
+    floats = mergeable_keys(pretrained)
+    _check_finite(pretrained, floats, "pretrained checkpoint")
     for index, model in enumerate(finetuned):
         missing = sorted(set(pretrained) - set(model))
         extra = sorted(set(model) - set(pretrained))
@@ -28,11 +48,10 @@ def validate_checkpoints(pretrained: Mapping[str, torch.Tensor], finetuned: Sequ
                 f"fine-tuned model {index}: key set differs from the pretrained model "
                 f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'…' if len(extra) > 5 else ''})"
             )
-        for name, base in pretrained.items():
-            tensor = model[name]
-            if tensor.shape != base.shape:
-                raise ValueError(f"fine-tuned model {index}: {name!r} has shape {tuple(tensor.shape)}, pretrained has {tuple(base.shape)}")
-            if tensor.dtype != base.dtype:
-                raise ValueError(f"fine-tuned model {index}: {name!r} has dtype {tensor.dtype}, pretrained has {base.dtype}")
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"fine-tuned model {index}: tensor {name!r} contains NaN or Inf")
+        for name in pretrained:
+            (dtype, shape), (base_dtype, base_shape) = key_meta(model, name), key_meta(pretrained, name)
+            if shape != base_shape:
+                raise ValueError(f"fine-tuned model {index}: {name!r} has shape {shape}, pretrained has {base_shape}")
+            if dtype != base_dtype:
+                raise ValueError(f"fine-tuned model {index}: {name!r} has dtype {dtype}, pretrained has {base_dtype}")
+        _check_finite(model, floats, f"fine-tuned model {index}")

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from taskmerge.merging._checks import is_mergeable
+from taskmerge.checkpoints import LazyStateDict
+from taskmerge.merging._checks import key_meta, mergeable_keys
 from taskmerge.merging._registry import MergeMethod, PreparedMerge, finite_float, get_method
 
 Tensors = Mapping[str, torch.Tensor]
@@ -35,7 +36,7 @@ DEFAULT_MATRIX_EXCLUDE = "text_projection"
 
 def float_keys(pretrained: Tensors) -> list[str]:
     """The floating-point (merged) keys in state-dict order."""
-    return [key for key, tensor in pretrained.items() if is_mergeable(tensor)]
+    return mergeable_keys(pretrained)
 
 
 def sorted_float_keys(pretrained: Tensors) -> list[str]:
@@ -69,9 +70,10 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def __init__(self, pretrained: Tensors, finetuned: Tensors) -> None:
         self._pretrained, self._finetuned = pretrained, finetuned
         self._keys = float_keys(pretrained)
+        self._keyset = set(self._keys)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._pretrained or not is_mergeable(self._pretrained[key]):
+        if key not in self._keyset:
             raise KeyError(key)
         return self._finetuned[key] - self._pretrained[key]
 
@@ -80,6 +82,31 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+CHUNK = 1 << 20
+
+
+def read_flat(state_dict: Tensors, key: str, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of the flattened `state_dict[key]`; a lazily loaded checkpoint reads only those."""
+    if isinstance(state_dict, LazyStateDict):
+        return state_dict.read_flat(key, start, stop)
+    return state_dict[key].reshape(-1)[start:stop]
+
+
+def chunk_bounds(numel: int) -> list[tuple[int, int]]:
+    """[start, stop) blocks of at most `CHUNK` elements covering `numel` (one empty block for numel = 0)."""
+    return [(start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK)] or [(0, 0)]
+
+
+def stacked_task_vector_chunk(pretrained: Tensors, finetuned: Sequence[Tensors], key: str, start: int, stop: int) -> torch.Tensor:
+    """`[T, stop − start]`: elements [start, stop) of τ_t[key] flattened, for every task; the base block is read
+    once and every fine-tuned block straight into the stack, so memory is T blocks whatever the key size."""
+    base = read_flat(pretrained, key, start, stop)
+    stack = torch.empty((len(finetuned), stop - start), dtype=base.dtype)
+    for index, model in enumerate(finetuned):
+        torch.sub(read_flat(model, key, start, stop), base, out=stack[index])
+    return stack
 
 
 def task_vectors(pretrained: Tensors, finetuned: Sequence[Tensors]) -> list[TaskVector]:
@@ -92,11 +119,7 @@ def zero_base(pretrained: Tensors) -> dict[str, torch.Tensor]:
 
     Running a method on (zero_base, task vectors) gives its update Δ exactly: τ − 0 = τ and 0 + 1.0·Δ = Δ bitwise.
     """
-    return {
-        key: torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
-        for key, tensor in pretrained.items()
-        if is_mergeable(tensor)
-    }
+    return {key: torch.zeros((), dtype=key_meta(pretrained, key)[0]).expand(key_meta(pretrained, key)[1]) for key in float_keys(pretrained)}
 
 
 # ------------------------------------------------------------------------------------ matrix rule

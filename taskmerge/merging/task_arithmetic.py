@@ -2,35 +2,31 @@
 
 `ta`:      θ = θ0 + α · Σ_t τ_t, with τ_t = θ_t − θ0 (Ilharco et al.; `sum` in the tall_masks harness).
 `average`: θ = θ0 + (1/T) · Σ_t τ_t, i.e. the mean of the fine-tuned weights.
-Σ_t is `torch.stack(...).sum(0)` per key, the per-element order of the reference's flat `sum(dim=0)`.
+Σ_t is a `[T, block].sum(0)` over blocks of each key, like the reference's flat `[T, d].sum(0)`; float32
+results can differ from it by 1 ulp where a key's blocks are not aligned as the flat vector's are.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from taskmerge.merging._checks import is_mergeable
+from taskmerge.merging._checks import key_meta
+from taskmerge.merging._helpers import chunk_bounds, float_keys, stacked_task_vector_chunk
 from taskmerge.merging._registry import HParam, MergeMethod, PreparedMerge, finite_float, register
 
 
-def stacked_task_vectors(key: str, base: torch.Tensor, finetuned: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    """τ_t[key] for every task as one `[T, *shape]` tensor, filled in place: peak memory is the stack
-    plus one checkpoint tensor, whatever T."""
-    stack = torch.empty((len(finetuned), *base.shape), dtype=base.dtype)
-    for index, model in enumerate(finetuned):
-        torch.sub(model[key], base, out=stack[index])
-    return stack
-
-
 def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Σ_t (θ_t − θ0) for every floating-point key, computed key by key."""
+    """Σ_t (θ_t − θ0) for every floating-point key, block by block (memory: T blocks, whatever T and key size)."""
     total = {}
-    for key in pretrained:
-        base = pretrained[key]
-        if is_mergeable(base):
-            total[key] = stacked_task_vectors(key, base, finetuned).sum(0)
+    for key in float_keys(pretrained):
+        dtype, shape = key_meta(pretrained, key)
+        flat = torch.empty(math.prod(shape), dtype=dtype)
+        for start, stop in chunk_bounds(flat.numel()):
+            flat[start:stop] = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop).sum(0)
+        total[key] = flat.view(shape)
     return total
 
 

@@ -18,55 +18,84 @@ fraction).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from taskmerge.merging._helpers import DeltaMethod, flatten, interval, number_in, one_of, sorted_float_keys, task_vectors
+from taskmerge.merging._checks import key_meta
+from taskmerge.merging._helpers import DeltaMethod, chunk_bounds, interval, number_in, one_of, sorted_float_keys, stacked_task_vector_chunk
 from taskmerge.merging._registry import HParam, finite_float, register
 
 
-def trim_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], k: float) -> list[torch.Tensor | None]:
-    """Per task, the magnitude threshold of the global top-k% trim over the flat vector of `keys` (None if k = 100)."""
+def trim_thresholds(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
+                    keys: Sequence[str], k: float) -> torch.Tensor | None:
+    """Per task, the magnitude threshold of the global top-k% trim over the flat vector of `keys` (None if k = 100).
+
+    The value is `kthvalue(|τ_t|, d − int(d·k/100))` of the reference, found with an in-place selection on one
+    reusable d-buffer filled block by block (no sort, no index tensor), so peak memory is one flat vector
+    whatever T.
+    """
     if k == 100:
-        return [None] * len(vectors)
-    thresholds = []
-    for vector in vectors:
-        magnitudes = flatten(vector, keys).abs()
-        d = magnitudes.numel()
-        kth = max(d - int(d * (k / 100)), 1)
-        thresholds.append(magnitudes.kthvalue(kth).values)
-        del magnitudes
+        return None
+    metas = [key_meta(pretrained, key) for key in keys]
+    sizes = [math.prod(shape) for _, shape in metas]
+    total = sum(sizes)
+    kth = max(total - int(total * (k / 100)), 1)
+    dtype = torch.float64 if any(dtype == torch.float64 for dtype, _ in metas) else torch.float32
+    buffer = torch.empty(total, dtype=dtype)
+    thresholds = torch.empty(len(finetuned), dtype=dtype)
+    for index, model in enumerate(finetuned):
+        offset = 0
+        for key, size in zip(keys, sizes):
+            for start, stop in chunk_bounds(size):
+                block = stacked_task_vector_chunk(pretrained, [model], key, start, stop)[0]
+                torch.abs(block, out=buffer[offset + start:offset + stop])
+            offset += size
+        values = buffer.numpy()
+        values.partition(kth - 1)
+        thresholds[index] = float(values[kth - 1])
     return thresholds
 
 
-def trimmed(tau: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
-    """τ with the entries below the task's threshold zeroed (`M * (|M| >= thr)`)."""
-    return tau if threshold is None else tau * (tau.abs() >= threshold)
+def _aggregate(selected: torch.Tensor, agg: str) -> torch.Tensor:
+    """Disjoint aggregation over tasks (dim 0): `sum`, or `mean` over the non-zero kept entries (min 1)."""
+    total = torch.sum(selected, dim=0)
+    if agg == "sum":
+        return total
+    return total / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
 
 
-def ties_delta(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], k: float, agg: str) -> dict[str, torch.Tensor]:
-    """The unscaled TIES update for `keys` (sorted order) from the task vectors `vectors`."""
-    thresholds = trim_thresholds(vectors, keys, k)
+def ties_delta(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
+               keys: Sequence[str], k: float, agg: str) -> dict[str, torch.Tensor]:
+    """The unscaled TIES update for `keys` (sorted order), in one streaming pass over blocks of every key.
 
-    def stacked(key: str) -> torch.Tensor:
-        return torch.stack([trimmed(vector[key], thr) for vector, thr in zip(vectors, thresholds)])
-
-    signs = {key: torch.sign(stacked(key).sum(dim=0)) for key in keys}
-    majority = torch.sign(flatten(signs, keys).sum())
-    for sign in signs.values():
-        sign[sign == 0] = majority
-
-    delta = {}
+    The elected sign of a coordinate whose trimmed values sum to exactly 0 is the global majority sign,
+    known only at the end: such coordinates are computed for majority +1 and, where the choice matters
+    (some trimmed value is non-zero), also for majority ≤ 0, then patched once the majority is known.
+    """
+    thresholds = trim_thresholds(pretrained, finetuned, keys, k)
+    delta: dict[str, torch.Tensor] = {}
+    alternatives: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    balance = 0
     for key in keys:
-        tensor = stacked(key)
-        keep = torch.where(signs.pop(key).unsqueeze(0) > 0, tensor > 0, tensor < 0)
-        selected = tensor * keep
-        if agg == "mean":
-            counts = (selected != 0).sum(dim=0).float()
-            delta[key] = torch.sum(selected, dim=0) / torch.clamp(counts, min=1)
-        else:
-            delta[key] = torch.sum(selected, dim=0)
+        dtype, shape = key_meta(pretrained, key)
+        flat = torch.empty(math.prod(shape), dtype=dtype)
+        for start, stop in chunk_bounds(flat.numel()):
+            stack = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop)
+            if thresholds is not None:
+                stack *= stack.abs() >= thresholds.to(dtype)[:, None]
+            sign = torch.sign(stack.sum(dim=0))
+            balance += int(sign.sum(dtype=torch.float64))
+            flat[start:stop] = _aggregate(stack * torch.where(sign >= 0, stack > 0, stack < 0), agg)
+            open_sign = ((sign == 0) & (stack != 0).any(dim=0)).nonzero().flatten()
+            if open_sign.numel():
+                negative = stack[:, open_sign]
+                alternatives.append((key, open_sign + start, _aggregate(negative * (negative < 0), agg)))
+        delta[key] = flat.view(shape)
+    if balance <= 0:
+        for key, positions, values in alternatives:
+            delta[key].view(-1)[positions] = values
     return delta
 
 
@@ -84,4 +113,4 @@ class Ties(DeltaMethod):
     prepare_hparams = ("k", "agg")
 
     def delta(self, pretrained, finetuned, *, k: float, agg: str, **_: Any):
-        return ties_delta(task_vectors(pretrained, finetuned), sorted_float_keys(pretrained), k, agg)
+        return ties_delta(pretrained, finetuned, sorted_float_keys(pretrained), k, agg)

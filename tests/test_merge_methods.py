@@ -805,3 +805,13 @@ def test_method_yaml_composes_and_its_grid_is_valid(option):
     cls = merging.get_method(option)
     for candidate in candidates:
         _check_hparams(cls, candidate)
+
+
+def test_iso_cts_projection_order_for_tall_matrices(monkeypatch):
+    from taskmerge.merging import iso
+
+    pre, fts = make_checkpoints(3, blocks=1)
+    reference = merging.merge("iso_cts", pre, fts, alpha=1.0)
+    monkeypatch.setattr(iso, "PROJECTOR_LIMIT", 0)  # every projection right-associated
+    cheap = merging.merge("iso_cts", pre, fts, alpha=1.0)
+    assert all(torch.allclose(reference[k], cheap[k], rtol=0, atol=1e-12) for k in reference)

@@ -67,6 +67,19 @@ def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[in
     return common, int((rank - common) / num_tasks)
 
 
+PROJECTOR_LIMIT = 1 << 26
+
+
+def project(basis: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """U_c U_cᵀ W, evaluated as the reference does, `(U_c @ U_c.T) @ W`, unless that m×m projector would
+    exceed `PROJECTOR_LIMIT` elements (e.g. the 49408-row token embedding: 9.8 GB): then `U_c @ (U_c.T @ W)`,
+    equal up to float rounding."""
+    rows = basis.shape[0]
+    if rows * rows <= PROJECTOR_LIMIT:
+        return basis @ basis.T @ matrix
+    return basis @ (basis.T @ matrix)
+
+
 def iso_cts_matrix(matrices: Sequence[torch.Tensor], common_fraction: float) -> torch.Tensor:
     """Iso-CTS of the task matrices (task order)."""
     num_tasks = len(matrices)
@@ -78,7 +91,7 @@ def iso_cts_matrix(matrices: Sequence[torch.Tensor], common_fraction: float) -> 
     blocks = SVDBlocks(rows, cols, rank, matrices[0])
     if per_task > 0:
         for i, matrix in enumerate(matrices):
-            residual = matrix - u_c @ u_c.T @ matrix
+            residual = matrix - project(u_c, matrix)
             u_ts, s_ts, vh_ts = torch.linalg.svd(residual, full_matrices=False)
             blocks.put(i * per_task, per_task, u_ts, s_ts, vh_ts)
     blocks.put(num_tasks * per_task, common, u_c, s_c, vh_c)

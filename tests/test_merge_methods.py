@@ -848,3 +848,19 @@ def test_float32_production_path_within_spec_tolerance(method):
             continue
         error = ((got[key].double() - pre64[key]) - change).norm() / change.norm()
         assert error <= tolerance, f"{method} {key}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_zero_task_matrices_skip_the_svd(method, monkeypatch):
+    pre, fts = checkpoints(3)
+    shapes = []
+    original = torch.linalg.svd
+
+    def spy(matrix, *args, **kwargs):
+        shapes.append(tuple(matrix.shape))
+        return original(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    merged = merging.merge(method, pre, fts, alpha=1.0)
+    assert (VOCAB, EMBED) not in shapes and (CONTEXT, EMBED) not in shapes, "unchanged text leftovers need no SVD"
+    assert torch.equal(merged["model.token_embedding.weight"], pre["model.token_embedding.weight"])

@@ -134,6 +134,16 @@ def is_matrix(key: str, tensor: torch.Tensor, exclude: str | None = DEFAULT_MATR
     return sum(1 for size in tensor.shape if size != 1) == 2
 
 
+def merged_matrix(merge: Callable[[list[torch.Tensor]], torch.Tensor], matrices: list[torch.Tensor],
+                  shape: Sequence[int]) -> torch.Tensor:
+    """`merge(matrices)` reshaped to `shape`, or zeros when every task matrix is zero: TSV-M, Iso-C and Iso-CTS
+    return exactly 0 there (all singular values are 0), so the SVDs of e.g. CLIP's unchanged 49408×512 text
+    token embedding are skipped."""
+    if all(matrix.count_nonzero() == 0 for matrix in matrices):
+        return torch.zeros(shape, dtype=matrices[0].dtype)
+    return merge(matrices).reshape(shape)
+
+
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """The 2-D view of a tensor that `is_matrix` accepted (size-1 dimensions dropped)."""
     return tensor.reshape([size for size in tensor.shape if size != 1])

@@ -32,6 +32,7 @@ from taskmerge.merging._helpers import (
     SVDBlocks,
     as_matrix,
     float_keys,
+    merged_matrix,
     interval,
     is_matrix,
     number_in,
@@ -114,7 +115,7 @@ class IsoC(DeltaMethod):
         delta = {}
         for key in float_keys(pretrained):
             if is_matrix(key, pretrained[key], exclude):
-                delta[key] = iso_c_matrix([as_matrix(vector[key]) for vector in vectors]).reshape(pretrained[key].shape)
+                delta[key] = merged_matrix(iso_c_matrix, [as_matrix(vector[key]) for vector in vectors], pretrained[key].shape)
             else:
                 delta[key] = python_sum(vector[key] for vector in vectors) / len(vectors)
         return delta
@@ -137,8 +138,8 @@ class IsoCTS(DeltaMethod):
         delta = {}
         for key in float_keys(pretrained):
             if is_matrix(key, pretrained[key], exclude):
-                merged = iso_cts_matrix([as_matrix(vector[key]) for vector in vectors], common_fraction)
-                delta[key] = merged.reshape(pretrained[key].shape)
+                matrices = [as_matrix(vector[key]) for vector in vectors]
+                delta[key] = merged_matrix(lambda ms: iso_cts_matrix(ms, common_fraction), matrices, pretrained[key].shape)
             else:
                 delta[key] = running_mean(vector[key] for vector in vectors)
         return delta

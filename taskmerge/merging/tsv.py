@@ -30,6 +30,7 @@ from taskmerge.merging._helpers import (
     SVDBlocks,
     as_matrix,
     float_keys,
+    merged_matrix,
     interval,
     is_matrix,
     number_in,
@@ -77,8 +78,8 @@ class TSVMerge(DeltaMethod):
         delta = {}
         for key in float_keys(pretrained):
             if is_matrix(key, pretrained[key], exclude):
-                merged = tsv_matrix([as_matrix(vector[key]) for vector in vectors], fraction)
-                delta[key] = merged.reshape(pretrained[key].shape)
+                matrices = [as_matrix(vector[key]) for vector in vectors]
+                delta[key] = merged_matrix(lambda ms: tsv_matrix(ms, fraction), matrices, pretrained[key].shape)
             else:
                 delta[key] = running_mean(vector[key] for vector in vectors)
         return delta

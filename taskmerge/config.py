@@ -123,6 +123,25 @@ class GridSearchConfig:
 
 
 @dataclass
+class RandomSearchConfig:
+    """`n_trials` candidates of the grid, drawn without replacement."""
+
+    name: str = "random"
+    n_trials: int = 8
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+@dataclass
+class OptunaSearchConfig:
+    """Optuna TPE over the search lists; the study persists in `optuna.db` of the run directory."""
+
+    name: str = "optuna"
+    n_trials: int = 12
+    seed: int = "${seed}"  # type: ignore[assignment]
+    study_name: Optional[str] = None
+
+
+@dataclass
 class DecoderConfig:
     """Decoder re-training protocol on a frozen encoder (Eval and final numbers)."""
 
@@ -173,6 +192,8 @@ SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     ("method", "ta_schema"): TAConfig,
     ("selector", "selector_schema"): SelectorConfig,
     ("search", "grid_schema"): GridSearchConfig,
+    ("search", "random_schema"): RandomSearchConfig,
+    ("search", "optuna_schema"): OptunaSearchConfig,
     ("decoder", "decoder_schema"): DecoderConfig,
     ("logger", "logger_schema"): LoggerConfig,
     ("paths", "paths_schema"): PathsConfig,

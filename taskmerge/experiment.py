@@ -5,8 +5,9 @@ selection → decoders re-trained on the selected encoder → test metrics → o
 from __future__ import annotations
 
 import json
+import math
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -28,19 +29,25 @@ from taskmerge.zoo import Zoo, get_builtin_zoo
 REFERENCE_CACHE_VERSION = 1
 
 
+@contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to `seconds[name]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class StageTimer:
     """Wall-clock seconds spent per named stage."""
 
     seconds: dict[str, float] = field(default_factory=dict)
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        """Context manager adding the wall time of its block to `seconds[name]`."""
+        return _timed(self.seconds, name)
 
 
 @dataclass
@@ -138,7 +145,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     method, selector = cfg["method"]["name"], cfg["selector"]["name"]
     fixed, space = _method_space(cfg["method"])
-    candidates = search.grid_candidates(method, fixed, space)
+    strategy = search.build_strategy(cfg["search"], method, fixed, space, run_dir)
     protocol = DecoderProtocol(**{k: v for k, v in cfg["decoder"].items() if k != "name"}, seed=cfg["seed"])
     setting = load_setting(cfg, timer)
     logger = create_logger(cfg["logger"], run_dir, cfg, group=f"{cfg['tasks']['name']}-{method}", job_type=selector)
@@ -146,7 +153,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         with timer.stage("references"):
             refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))
         merger = CandidateMerger(method, setting, timer)
-        rows = _score_candidates(cfg, setting, merger, candidates, selector, protocol, refs, run_dir, timer, logger)
+        rows = _score_candidates(cfg, setting, merger, strategy, selector, protocol, refs, run_dir, timer, logger)
         selection = _select_and_finalize(cfg, setting, merger, selector, rows, protocol, refs, run_dir, timer)
         timer.seconds["total"] = time.perf_counter() - start
         selection["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
@@ -165,10 +172,12 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         logger.finish()
 
 
-def _score_candidates(cfg: Mapping[str, Any], setting: Setting, merger: CandidateMerger, candidates: list[dict[str, Any]],
+def _score_candidates(cfg: Mapping[str, Any], setting: Setting, merger: CandidateMerger, strategy: search.SearchStrategy,
                       selector: str, protocol: DecoderProtocol, refs: Mapping[str, Any], run_dir: Path, timer: StageTimer,
                       logger: RunLogger) -> list[dict[str, Any]]:
-    """Score every candidate (TAP always, Eval for selector eval|both), resuming from `candidates.jsonl`."""
+    """Score the candidates the search strategy proposes (TAP always, Eval for selector eval|both), resuming
+    from `candidates.jsonl`. A candidate that fails (non-finite TAP, a diverging decoder, …) is recorded with
+    its error and the sweep goes on."""
     method = merger.method
     tap_cfg = cfg["tap"]
     needs_eval = selector in ("eval", "both")
@@ -181,37 +190,51 @@ def _score_candidates(cfg: Mapping[str, Any], setting: Setting, merger: Candidat
         }
     run_key = content_key(setting.zoo.key, dict(tap_cfg), vars(protocol), method)
     log = CandidateLog(run_dir / CANDIDATES)
-    done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows() if r.get("run_key") == run_key and (r.get("eval") or not needs_eval)}
-    student = setting.new_encoder(merger(candidates[0]))
-    rows = []
-    for hparams in tqdm(candidates, desc=f"candidates ({method}, selector={selector})"):
+    done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows()
+            if r.get("run_key") == run_key and not r.get("error") and (r.get("eval") or not needs_eval)}
+    student: nn.Module | None = None
+    rows: dict[str, dict[str, Any]] = {}
+    for hparams in tqdm(strategy, desc=f"candidates ({method}, {strategy.name}, selector={selector})"):
         key = candidate_id(method, hparams)
-        if key in done:
-            rows.append(done[key])
-            continue
-        seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
-        student.load_state_dict(merger(hparams))
-        seconds["merge"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"method": method, "hparams": hparams,
-                               "tap": compute_tap(student, unlabeled, teachers, tap_cfg["features"], tap_cfg["distance"], tap_cfg["batch_size"])}
-        seconds["tap"] = time.perf_counter() - t0
-        if needs_eval:
-            t0 = time.perf_counter()
-            metrics = evaluation.evaluate_encoder(student, setting.tasks, "val", protocol)
-            row["eval"] = {**metrics, "normalized": evaluation.normalize_scores(metrics, refs["finetuned"]["val"], setting.tasks)["normalized"]}
-            seconds["eval"] = time.perf_counter() - t0
-        seconds["total"] = sum(seconds.values())
-        row["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
-        row["run_key"] = run_key
-        for name, value in seconds.items():
-            if name != "total":
-                timer.seconds[f"candidates_{name}"] = timer.seconds.get(f"candidates_{name}", 0.0) + value
-        log.append(row)
-        logger.log_candidate(row)
-        rows.append(row)
-    return rows
+        if key in done or key in rows:
+            row = done.get(key) or rows[key]
+        else:
+            seconds: dict[str, float] = {}
+            row = {"method": method, "hparams": hparams}
+            try:
+                with _timed(seconds, "merge"):
+                    merged = merger(hparams)
+                    student = setting.new_encoder(merged) if student is None else student
+                    student.load_state_dict(merged)
+                with _timed(seconds, "tap"):
+                    row["tap"] = compute_tap(student, unlabeled, teachers, tap_cfg["features"], tap_cfg["distance"], tap_cfg["batch_size"])
+                if not math.isfinite(row["tap"]["mean"]):
+                    raise FloatingPointError(f"non-finite TAP {row['tap']}")
+                if needs_eval:
+                    with _timed(seconds, "eval"):
+                        metrics = evaluation.evaluate_encoder(student, setting.tasks, "val", protocol)
+                    row["eval"] = {**metrics, "normalized": evaluation.normalize_scores(metrics, refs["finetuned"]["val"], setting.tasks)["normalized"]}
+            except (FloatingPointError, RuntimeError, ValueError) as error:
+                row["error"] = f"{type(error).__name__}: {error}"
+                tqdm.write(f"candidate {hparams} failed: {row['error']}")
+            seconds["total"] = sum(seconds.values())
+            row["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
+            row["run_key"] = run_key
+            for name, value in seconds.items():
+                if name != "total":
+                    timer.seconds[f"candidates_{name}"] = timer.seconds.get(f"candidates_{name}", 0.0) + value
+            log.append(row)
+            logger.log_candidate(row)
+        rows[key] = row
+        strategy.report(hparams, _objective(row, selector))
+    return list(rows.values())
+
+
+def _objective(row: Mapping[str, Any], selector: str) -> float | None:
+    """What a search minimises: mean TAP, or minus mean normalized Eval for selector=eval; None if it failed."""
+    if row.get("error"):
+        return None
+    return -row["eval"]["normalized"] if selector == "eval" else row["tap"]["mean"]
 
 
 def _select_and_finalize(cfg: Mapping[str, Any], setting: Setting, merger: CandidateMerger, selector: str,
@@ -241,7 +264,7 @@ def _select_and_finalize(cfg: Mapping[str, Any], setting: Setting, merger: Candi
         "final": {**test, "normalized": normalized["normalized"]},
         "final_normalized_per_task": {t.name: normalized[t.name] for t in setting.tasks},
         "normalization": "merged/fine-tuned for higher-is-better metrics, fine-tuned/merged for lower-is-better ones",
-        "failed_candidates": len([r for r in rows if r.get("error")]),
+        "failed_candidates": [{"hparams": r["hparams"], "error": r["error"]} for r in rows if r.get("error")],
     }
     if selector == "both":
         selection["agreement"] = search.agreement(rows)

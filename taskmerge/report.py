@@ -44,9 +44,13 @@ def candidate_table(tasks: Sequence[Task], rows: Sequence[Mapping[str, Any]]) ->
         header += [f"val {t.name}" for t in tasks] + ["val normalized"]
     table = []
     for r in rows:
-        line = [json.dumps(r["hparams"]) if r["hparams"] else "–", *[f"{r['tap'][t.name]:.4f}" for t in tasks], f"{r['tap']['mean']:.4f}"]
+        label = json.dumps(r["hparams"]) if r["hparams"] else "–"
+        if r.get("error"):
+            table.append([label, f"failed: {r['error']}"] + [""] * (len(header) - 2))
+            continue
+        line = [label, *[f"{r['tap'][t.name]:.4f}" for t in tasks], f"{r['tap']['mean']:.4f}"]
         if with_eval:
-            line += [f"{r['eval'][t.name]:.2f}" for t in tasks] + [f"{r['eval']['normalized']:.4f}"] if r.get("eval") else ["–"] * (len(tasks) + 1)
+            line += [f"{r['eval'][t.name]:.2f}" for t in tasks] + [f"{r['eval']['normalized']:.4f}"]
         table.append(line)
     return header, table
 
@@ -61,6 +65,8 @@ def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Map
         table.add_row(*row)
     console.print(table)
     console.print(f"selected: {json.dumps(selection['selected'])}")
+    for failure in selection["failed_candidates"]:
+        console.print(f"[yellow]ignored failed candidate {json.dumps(failure['hparams'])}: {failure['error']}[/yellow]")
     if "agreement" in selection:
         console.print(f"TAP vs Eval: {json.dumps({k: round(v, 4) for k, v in selection['agreement'].items()})}")
     console.print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in selection["seconds"].items()))
@@ -79,6 +85,8 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
         "## Candidates",
         _markdown_table(*candidate_table(tasks, rows)),
     ]
+    if selection["failed_candidates"]:
+        parts.append(f"{len(selection['failed_candidates'])} failed candidate(s) were ignored by the selection.")
     if "agreement" in selection:
         agreement = selection["agreement"]
         parts += ["## TAP vs Eval", _markdown_table(["spearman", "kendall", "regret", "candidates"],

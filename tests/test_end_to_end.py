@@ -81,3 +81,14 @@ def test_missing_task_name_fails_with_clear_error(tmp_path, cache_dir):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "unknown built-in task 'nosuchtask'" in result.stderr
+
+
+def test_failed_candidate_is_recorded_and_ignored(tmp_path, cache_dir):
+    run_dir = tmp_path / "fail"
+    result = _run(run_dir, "method.search.alpha=[0.5,1e30]")
+    rows = _rows(run_dir)
+    assert "error" not in rows[0] and "non-finite TAP" in rows[1]["error"]
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert selection["selected"] == {"tap": {"alpha": 0.5}}
+    assert selection["failed_candidates"] == [{"hparams": {"alpha": 1e30}, "error": rows[1]["error"]}]
+    assert "ignored failed candidate" in result.stdout

@@ -40,3 +40,39 @@ def test_failed_candidates_are_ignored_by_selection():
     assert search.pick_by_tap(rows)["hparams"] == {"alpha": 0.2}
     with pytest.raises(ValueError, match="no candidate has a finite TAP"):
         search.pick_by_tap([rows[0]])
+
+
+def test_random_search_is_a_seeded_subset_of_the_grid():
+    grid = search.grid_candidates("ta", {}, {"alpha": [0.1 * i for i in range(1, 11)]})
+    first = list(search.RandomSearch(grid, 4, seed=3))
+    assert first == list(search.RandomSearch(grid, 4, seed=3)) and len(first) == 4
+    assert all(c in grid for c in first) and len({c["alpha"] for c in first}) == 4
+    assert list(search.RandomSearch(grid, 50, seed=0)) == grid
+
+
+def _drive(strategy, objective):
+    seen = []
+    for hparams in strategy:
+        seen.append(hparams)
+        strategy.report(hparams, objective(hparams))
+    return seen
+
+
+def test_optuna_search_minimises_persists_and_resumes(tmp_path):
+    space = {"alpha": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "k": [10, 20]}
+    objective = lambda hp: (hp["alpha"] - 0.4) ** 2 + (0.0 if hp["k"] == 20 else 0.1)  # noqa: E731
+    storage = tmp_path / "optuna.db"
+    first = _drive(search.OptunaSearch({}, space, 6, seed=0, storage=storage, study_name="s"), objective)
+    assert len(first) == 6 and all(hp["alpha"] in space["alpha"] and hp["k"] in space["k"] for hp in first)
+
+    resumed = search.OptunaSearch({}, space, 9, seed=0, storage=storage, study_name="s")
+    second = _drive(resumed, objective)
+    assert second[:6] == first, "a resumed study replays its finished trials first"
+    assert len(second) == 9 and len(resumed.study.trials) == 9
+
+
+def test_optuna_failed_trials_count_and_fixed_values_pass_through(tmp_path):
+    strategy = search.OptunaSearch({"agg": "sum"}, {"alpha": [0.1, 0.2]}, 3, seed=0, storage=tmp_path / "o.db", study_name="f")
+    seen = _drive(strategy, lambda hp: None)
+    assert len(seen) == 3 and all(hp["agg"] == "sum" for hp in seen)
+    assert [t.state.name for t in strategy.study.trials] == ["FAIL"] * 3

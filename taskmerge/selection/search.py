@@ -1,14 +1,19 @@
-"""Candidates of a search space and selection among scored candidates (tap | eval | both).
+"""Search strategies over a method's search space (grid, random, Optuna TPE) and selection among scored
+candidates (tap | eval | both).
 
 A candidate row is the dict written to `candidates.jsonl`: `method`, `hparams`, `tap` (per task and
-`mean`), optionally `eval` (per task metric and `normalized`), `seconds`.
+`mean`), optionally `eval` (per task metric and `normalized`), `seconds`, or `error` when it failed.
+A strategy yields hyperparameter dicts and is told each one's objective (lower is better; None if the
+candidate failed), so adaptive searches can steer and every strategy runs through the same loop.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Mapping, Sequence
+import random
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from scipy import stats
 
@@ -32,6 +37,104 @@ def grid_candidates(method: str, fixed: Mapping[str, Any], search: Mapping[str, 
         if not values:
             raise ValueError(f"method.search.{name} is empty; give at least one value or fix method.{name}")
     return [{**dict(fixed), **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
+
+
+class SearchStrategy(Protocol):
+    name: str
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def report(self, hparams: Mapping[str, Any], objective: float | None) -> None: ...
+
+
+class GridSearch:
+    """Every candidate of the grid, in grid order."""
+
+    name = "grid"
+
+    def __init__(self, candidates: list[dict[str, Any]]) -> None:
+        self.candidates = candidates
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.candidates)
+
+    def report(self, hparams: Mapping[str, Any], objective: float | None) -> None:
+        return None
+
+
+class RandomSearch(GridSearch):
+    """`n_trials` grid candidates drawn without replacement with `seed` (the whole grid if it is smaller)."""
+
+    name = "random"
+
+    def __init__(self, candidates: list[dict[str, Any]], n_trials: int, seed: int) -> None:
+        picked = sorted(random.Random(seed).sample(range(len(candidates)), min(n_trials, len(candidates))))
+        super().__init__([candidates[i] for i in picked])
+
+
+class OptunaSearch:
+    """Optuna's TPE sampler over the search lists (categorical axes), `n_trials` finished trials in all.
+
+    The study lives in an SQLite file of the run directory: a restarted run loads it and only runs the
+    trials still missing; a candidate already scored in `candidates.jsonl` is told without recomputation.
+    """
+
+    name = "optuna"
+
+    def __init__(self, fixed: Mapping[str, Any], space: Mapping[str, Sequence[Any]], n_trials: int, seed: int,
+                 storage: Path, study_name: str) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.fixed, self.space, self.n_trials = dict(fixed), {k: list(v) for k, v in space.items()}, n_trials
+        storage.parent.mkdir(parents=True, exist_ok=True)
+        self.study = optuna.create_study(
+            study_name=study_name, storage=f"sqlite:///{storage}", load_if_exists=True, direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=seed),
+        )
+        self._trial: Any = None
+
+    def _finished(self) -> int:
+        import optuna
+
+        return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in self.study.trials)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import optuna
+
+        self._trial = None
+        for trial in self.study.trials:  # a resumed study first replays its finished trials (no new tell)
+            if trial.state == optuna.trial.TrialState.COMPLETE:
+                yield {**self.fixed, **trial.params}
+        while self._finished() < self.n_trials:
+            self._trial = self.study.ask()
+            yield {**self.fixed, **{name: self._trial.suggest_categorical(name, values) for name, values in self.space.items()}}
+
+    def report(self, hparams: Mapping[str, Any], objective: float | None) -> None:
+        import optuna
+
+        if self._trial is None:
+            return
+        if objective is None:
+            self.study.tell(self._trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            self.study.tell(self._trial, objective)
+
+
+def build_strategy(search_cfg: Mapping[str, Any], method: str, fixed: Mapping[str, Any],
+                   space: Mapping[str, Sequence[Any]], run_dir: Path) -> SearchStrategy:
+    """The strategy named by `search_cfg["name"]` over `method`'s search space."""
+    candidates = grid_candidates(method, fixed, space)
+    kind = search_cfg["name"]
+    if kind == "grid":
+        return GridSearch(candidates)
+    if kind == "random":
+        return RandomSearch(candidates, search_cfg["n_trials"], search_cfg["seed"])
+    if kind == "optuna":
+        searched = {name: values for name, values in space.items() if name not in fixed}
+        return OptunaSearch(fixed, searched, search_cfg["n_trials"], search_cfg["seed"],
+                            Path(run_dir) / "optuna.db", search_cfg["study_name"] or method)
+    raise ValueError(f"unknown search {kind!r}; expected grid, random or optuna")
 
 
 def _valid(rows: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:

@@ -137,47 +137,72 @@ def _method_space(method_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     return fixed, dict(method_cfg.get("search") or {})
 
 
+@dataclass
+class Pipeline:
+    """What scoring and finalizing share: the loaded setting, the decoder protocol, the reference metrics,
+    the merger and the stage timer."""
+
+    cfg: Mapping[str, Any]
+    setting: Setting
+    protocol: DecoderProtocol
+    refs: dict[str, Any]
+    merger: CandidateMerger
+    timer: StageTimer
+
+
+def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer) -> Pipeline:
+    """Load the setting (zoo built or reused) and the cached reference metrics for `cfg`."""
+    protocol = DecoderProtocol(**{k: v for k, v in cfg["decoder"].items() if k != "name"}, seed=cfg["seed"])
+    setting = load_setting(cfg, timer)
+    with timer.stage("references"):
+        refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))
+    return Pipeline(cfg, setting, protocol, refs, CandidateMerger(cfg["method"]["name"], setting, timer), timer)
+
+
 def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     """Run the configured pipeline in `run_dir` and return the selection summary (also written there)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    start = time.perf_counter()
+    timer, start = StageTimer(), time.perf_counter()
     method, selector = cfg["method"]["name"], cfg["selector"]["name"]
     fixed, space = _method_space(cfg["method"])
     strategy = search.build_strategy(cfg["search"], method, fixed, space, run_dir)
-    protocol = DecoderProtocol(**{k: v for k, v in cfg["decoder"].items() if k != "name"}, seed=cfg["seed"])
-    setting = load_setting(cfg, timer)
+    pipeline = open_pipeline(cfg, timer)
     logger = create_logger(cfg["logger"], run_dir, cfg, group=f"{cfg['tasks']['name']}-{method}", job_type=selector)
     try:
-        with timer.stage("references"):
-            refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))
-        merger = CandidateMerger(method, setting, timer)
-        rows = _score_candidates(cfg, setting, merger, strategy, selector, protocol, refs, run_dir, timer, logger)
-        selection = _select_and_finalize(cfg, setting, merger, selector, rows, protocol, refs, run_dir, timer)
-        timer.seconds["total"] = time.perf_counter() - start
-        selection["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
-        atomic_write_json(run_dir / "selection.json", selection)
-        images = {}
-        if any(r.get("eval") for r in rows):
-            metric_names = {t.name: t.metric_name for t in setting.tasks}
-            tap_pick, eval_pick = search.pick_by_tap(rows), search.pick_by_eval(rows)
-            (run_dir / "plots").mkdir(exist_ok=True)
-            images["tap_vs_eval"] = plots.plot_tap_vs_eval(rows, metric_names, tap_pick, eval_pick, run_dir / "plots" / "tap_vs_eval.png")
-        report.write_report(run_dir / "report.md", cfg, setting.tasks, rows, selection, refs, images)
-        report.print_summary(setting.tasks, selection, refs)
-        logger.log_summary(rows, selection, images)
-        return selection
+        rows = _score_candidates(pipeline, strategy, selector, run_dir, logger)
+        return finalize(pipeline, rows, selector, run_dir, logger, start)
     finally:
         logger.finish()
 
 
-def _score_candidates(cfg: Mapping[str, Any], setting: Setting, merger: CandidateMerger, strategy: search.SearchStrategy,
-                      selector: str, protocol: DecoderProtocol, refs: Mapping[str, Any], run_dir: Path, timer: StageTimer,
+def finalize(pipeline: Pipeline, rows: list[dict[str, Any]], selector: str, run_dir: Path, logger: RunLogger,
+             start: float) -> dict[str, Any]:
+    """Select among `rows`, re-train decoders on the pick, and write selection.json, report.md and plots."""
+    timer, setting = pipeline.timer, pipeline.setting
+    selection = _select_and_finalize(pipeline, selector, rows, run_dir)
+    timer.seconds["total"] = time.perf_counter() - start
+    selection["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+    atomic_write_json(run_dir / "selection.json", selection)
+    images = {}
+    if any(r.get("eval") for r in rows):
+        metric_names = {t.name: t.metric_name for t in setting.tasks}
+        tap_pick, eval_pick = search.pick_by_tap(rows), search.pick_by_eval(rows)
+        (run_dir / "plots").mkdir(exist_ok=True)
+        images["tap_vs_eval"] = plots.plot_tap_vs_eval(rows, metric_names, tap_pick, eval_pick, run_dir / "plots" / "tap_vs_eval.png")
+    report.write_report(run_dir / "report.md", pipeline.cfg, setting.tasks, rows, selection, pipeline.refs, images)
+    report.print_summary(setting.tasks, selection, pipeline.refs)
+    logger.log_summary(rows, selection, images)
+    return selection
+
+
+def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selector: str, run_dir: Path,
                       logger: RunLogger) -> list[dict[str, Any]]:
     """Score the candidates the search strategy proposes (TAP always, Eval for selector eval|both), resuming
     from `candidates.jsonl`. A candidate that fails (non-finite TAP, a diverging decoder, …) is recorded with
     its error and the sweep goes on."""
+    cfg, setting, merger, protocol, refs, timer = (pipeline.cfg, pipeline.setting, pipeline.merger, pipeline.protocol,
+                                                   pipeline.refs, pipeline.timer)
     method = merger.method
     tap_cfg = cfg["tap"]
     needs_eval = selector in ("eval", "both")
@@ -237,10 +262,10 @@ def _objective(row: Mapping[str, Any], selector: str) -> float | None:
     return -row["eval"]["normalized"] if selector == "eval" else row["tap"]["mean"]
 
 
-def _select_and_finalize(cfg: Mapping[str, Any], setting: Setting, merger: CandidateMerger, selector: str,
-                         rows: list[dict[str, Any]], protocol: DecoderProtocol, refs: Mapping[str, Any], run_dir: Path,
-                         timer: StageTimer) -> dict[str, Any]:
+def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     """Pick the candidate, re-train decoders on it, evaluate on test and build `selection.json`."""
+    cfg, setting, merger, protocol, refs, timer = (pipeline.cfg, pipeline.setting, pipeline.merger, pipeline.protocol,
+                                                   pipeline.refs, pipeline.timer)
     method = merger.method
     selected: dict[str, Any] = {}
     if selector in ("tap", "both"):

@@ -182,6 +182,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     save_merged: bool = False
+    sweep_name: Optional[str] = None
 
 
 SCHEMAS: dict[tuple[Optional[str], str], Any] = {

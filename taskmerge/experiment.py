@@ -168,7 +168,8 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     fixed, space = _method_space(cfg["method"])
     strategy = search.build_strategy(cfg["search"], method, fixed, space, run_dir)
     pipeline = open_pipeline(cfg, timer)
-    logger = create_logger(cfg["logger"], run_dir, cfg, group=f"{cfg['tasks']['name']}-{method}", job_type=selector)
+    group = cfg["sweep_name"] or f"{cfg['tasks']['name']}-{method}"
+    logger = create_logger(cfg["logger"], run_dir, cfg, group=group, job_type=selector)
     try:
         rows = _score_candidates(pipeline, strategy, selector, run_dir, logger)
         return finalize(pipeline, rows, selector, run_dir, logger, start)
@@ -238,7 +239,9 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                 if needs_eval:
                     with _timed(seconds, "eval"):
                         metrics = evaluation.evaluate_encoder(student, setting.tasks, "val", protocol)
-                    row["eval"] = {**metrics, "normalized": evaluation.normalize_scores(metrics, refs["finetuned"]["val"], setting.tasks)["normalized"]}
+                    normalized = evaluation.normalize_scores(metrics, refs["finetuned"]["val"], setting.tasks)
+                    row["eval"] = {**metrics, "normalized": normalized.pop("normalized")}
+                    row["eval_normalized"] = normalized
             except (FloatingPointError, RuntimeError, ValueError) as error:
                 row["error"] = f"{type(error).__name__}: {error}"
                 tqdm.write(f"candidate {hparams} failed: {row['error']}")
@@ -293,4 +296,6 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
     }
     if selector == "both":
         selection["agreement"] = search.agreement(rows)
+        selection["agreement_per_task"] = {t.name: search.task_agreement(rows, t.name) for t in setting.tasks}
+        selection["cost"] = search.selector_cost(rows)
     return selection

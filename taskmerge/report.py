@@ -69,6 +69,7 @@ def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Map
         console.print(f"[yellow]ignored failed candidate {json.dumps(failure['hparams'])}: {failure['error']}[/yellow]")
     if "agreement" in selection:
         console.print(f"TAP vs Eval: {json.dumps({k: round(v, 4) for k, v in selection['agreement'].items()})}")
+        console.print(f"cost: {json.dumps(selection['cost'])}")
     console.print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in selection["seconds"].items()))
 
 
@@ -92,6 +93,12 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
         parts += ["## TAP vs Eval", _markdown_table(["spearman", "kendall", "regret", "candidates"],
                   [[f"{agreement['spearman']:.3f}", f"{agreement['kendall']:.3f}", f"{agreement['regret']:.4f}", agreement["n_candidates"]]]),
                   "Negative correlations mean agreement (lower TAP is better); regret = best normalized Eval − Eval of the TAP pick."]
+        per_task = selection["agreement_per_task"]
+        parts += [_markdown_table(["task", "spearman (TAP_t, normalized Eval_t)", "kendall", "regret of the lowest TAP_t"],
+                                  [[t, f"{v['spearman']:.3f}", f"{v['kendall']:.3f}", f"{v['regret']:.4f}"] for t, v in per_task.items()])]
+        cost = selection["cost"]
+        parts += [f"Cost over the candidates: TAP {cost['tap_seconds']:.1f} s, Eval {cost['eval_seconds']:.1f} s "
+                  f"(TAP is {cost['speedup']}× cheaper)."]
     parts += ["## Seconds per stage", _markdown_table(list(selection["seconds"]), [[f"{v:.1f}" for v in selection["seconds"].values()]])]
     parts += [f"![{name}](plots/{Path(p).name})" for name, p in images.items()]
     return atomic_write_text(path, "\n\n".join(parts) + "\n")

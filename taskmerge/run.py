@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from taskmerge.config import register_configs
@@ -27,8 +28,12 @@ def to_plain(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float:
     from taskmerge.experiment import run_experiment
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    selection = run_experiment(to_plain(cfg), run_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    plain = to_plain(cfg)
+    if plain["sweep_name"] is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        plain["sweep_name"] = Path(hydra_cfg.sweep.dir).name
+    selection = run_experiment(plain, run_dir)
     log.info("outputs in %s", run_dir)
     return float(selection["selected_tap"]["mean"])
 

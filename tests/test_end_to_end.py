@@ -44,6 +44,12 @@ def test_selector_both_end_to_end_and_resume(tmp_path, cache_dir):
     assert set(selection["final"]) == {"digits", "textures", "shapes", "scenes", "normalized"}
     assert -1.0 <= selection["agreement"]["spearman"] <= 1.0 and -1.0 <= selection["agreement"]["kendall"] <= 1.0
     assert selection["agreement"]["regret"] == pytest.approx(best_eval["eval"]["normalized"] - best_tap["eval"]["normalized"])
+    assert set(selection["agreement_per_task"]) == {"digits", "textures", "shapes", "scenes"}
+    for row in rows:
+        assert row["eval"]["normalized"] == pytest.approx(sum(row["eval_normalized"].values()) / 4)
+    cost = selection["cost"]
+    assert cost["tap_seconds"] == pytest.approx(sum(r["seconds"]["tap"] for r in rows), abs=1e-3)
+    assert cost["eval_seconds"] > 0 and cost["speedup"] > 0
     assert (run_dir / "report.md").read_text().startswith("# taskmerge report")
     assert (run_dir / "plots" / "tap_vs_eval.png").stat().st_size > 10_000
     assert "fine-tuned" in first.stdout and "selected" in first.stdout

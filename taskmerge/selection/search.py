@@ -166,10 +166,36 @@ def agreement(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     scored = [r for r in _valid(rows, "eval") if r in _valid(rows, "tap")]
     taps = [r["tap"]["mean"] for r in scored]
     evals = [r["eval"]["normalized"] for r in scored]
-    enough = len(scored) >= 3 and len(set(taps)) > 1 and len(set(evals)) > 1
     return {
-        "spearman": float(stats.spearmanr(taps, evals).statistic) if enough else math.nan,
-        "kendall": float(stats.kendalltau(taps, evals).statistic) if enough else math.nan,
+        **_correlations(taps, evals),
         "regret": pick_by_eval(scored)["eval"]["normalized"] - pick_by_tap(scored)["eval"]["normalized"],
         "n_candidates": len(scored),
     }
+
+
+def _correlations(taps: Sequence[float], evals: Sequence[float]) -> dict[str, float]:
+    enough = len(taps) >= 3 and len(set(taps)) > 1 and len(set(evals)) > 1
+    return {
+        "spearman": float(stats.spearmanr(taps, evals).statistic) if enough else math.nan,
+        "kendall": float(stats.kendalltau(taps, evals).statistic) if enough else math.nan,
+    }
+
+
+def task_agreement(rows: Sequence[Mapping[str, Any]], task: str) -> dict[str, float]:
+    """For one task: rank correlation of TAP_t with the task's normalized Eval (negative = agreement, whatever
+    the metric's direction) and the regret of the candidate with the lowest TAP_t on that task."""
+    scored = [r for r in _valid(rows, "eval") if r in _valid(rows, "tap") and task in r.get("eval_normalized", {})]
+    if not scored:
+        return {"spearman": math.nan, "kendall": math.nan, "regret": math.nan}
+    taps = [r["tap"][task] for r in scored]
+    evals = [r["eval_normalized"][task] for r in scored]
+    best_by_tap = evals[taps.index(min(taps))]
+    return {**_correlations(taps, evals), "regret": max(evals) - best_by_tap}
+
+
+def selector_cost(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Seconds spent scoring the candidates with TAP and with Eval, and the speed-up TAP buys."""
+    tap = sum(r.get("seconds", {}).get("tap", 0.0) for r in rows)
+    evaluation = sum(r.get("seconds", {}).get("eval", 0.0) for r in rows)
+    return {"tap_seconds": round(tap, 3), "eval_seconds": round(evaluation, 3),
+            "speedup": round(evaluation / tap, 1) if tap > 0 else math.nan}

@@ -104,6 +104,22 @@ class TAConfig:
 
 
 @dataclass
+class AdaMergingMethodConfig:
+    """AdaMerging: learn λ (per task, or per task and parameter tensor) with the TAP or entropy loss."""
+
+    name: str = "adamerging"
+    granularity: str = "layer"
+    loss: str = "tap"
+    iterations: int = 500
+    lr: float = 1e-3
+    batch_size: int = 16
+    init: Optional[float] = None
+    ema_momentum: float = 0.99
+    n_images: int = 256
+    search: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
 class TAPConfig:
     n_samples: int = 128
     distance: Distance = Distance.l2
@@ -191,6 +207,7 @@ SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     ("tasks", "builtin_schema"): BuiltinTasksConfig,
     ("method", "average_schema"): AverageConfig,
     ("method", "ta_schema"): TAConfig,
+    ("method", "adamerging_schema"): AdaMergingMethodConfig,
     ("selector", "selector_schema"): SelectorConfig,
     ("search", "grid_schema"): GridSearchConfig,
     ("search", "random_schema"): RandomSearchConfig,

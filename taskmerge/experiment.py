@@ -17,9 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from taskmerge import checkpoints, merging, plots, report
-from taskmerge.cache import atomic_write_json, content_key
+from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
+from taskmerge.decoders import build_decoder
 from taskmerge.encoders import create_encoder
-from taskmerge.selection import evaluation, search
+from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
 from taskmerge.tasks import Task, build_builtin_task
@@ -68,6 +69,14 @@ class Setting:
     def load_encoder(self, path: Path) -> nn.Module:
         return self.new_encoder(checkpoints.load_state_dict(path))
 
+    def load_head(self, task_name: str) -> nn.Module:
+        """Task `task_name`'s decoder as fine-tuned with its encoder (frozen decoders, entropy AdaMerging)."""
+        task = next(t for t in self.tasks if t.name == task_name)
+        encoder = self.new_encoder(checkpoints.load_state_dict(self.zoo.base))
+        head = build_decoder(task.kind, encoder.embed_dim, task.num_outputs, encoder.patch_size, encoder.grid_size)
+        head.load_state_dict(checkpoints.load_state_dict(self.zoo.heads[task_name]))
+        return head.to(self.device).eval()
+
 
 class CandidateMerger:
     """Merges the candidates of one method from the zoo's checkpoints, re-running the costly `prepare`
@@ -86,6 +95,26 @@ class CandidateMerger:
                 self._prepared = merging.prepare(self.method, *self._sources, **fixed)
             self._fixed = fixed
         return self._prepared.merge(**swept)
+
+
+ADAMERGING = "adamerging"
+
+
+def adamerging_hparams(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The candidate identity of a learned merge: what was learned and how long."""
+    return {k: method_cfg[k] for k in ("granularity", "loss", "iterations")}
+
+
+class LearnedMerger:
+    """The merger of a learned candidate (AdaMerging): returns the learned weights for its hyperparameters."""
+
+    def __init__(self, method: str, hparams: Mapping[str, Any], merged: dict[str, torch.Tensor]) -> None:
+        self.method, self._hparams, self._merged = method, dict(hparams), merged
+
+    def __call__(self, hparams: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        if dict(hparams) != self._hparams:
+            raise ValueError(f"{self.method}: learned {self._hparams}, asked for {dict(hparams)}")
+        return self._merged
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,7 +175,7 @@ class Pipeline:
     setting: Setting
     protocol: DecoderProtocol
     refs: dict[str, Any]
-    merger: CandidateMerger
+    merger: CandidateMerger | LearnedMerger
     timer: StageTimer
 
 
@@ -165,12 +194,17 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     timer, start = StageTimer(), time.perf_counter()
     method, selector = cfg["method"]["name"], cfg["selector"]["name"]
-    fixed, space = _method_space(cfg["method"])
-    strategy = search.build_strategy(cfg["search"], method, fixed, space, run_dir)
+    if method == ADAMERGING:
+        strategy: search.SearchStrategy = search.GridSearch([adamerging_hparams(cfg["method"])])
+    else:
+        fixed, space = _method_space(cfg["method"])
+        strategy = search.build_strategy(cfg["search"], method, fixed, space, run_dir)
     pipeline = open_pipeline(cfg, timer)
     group = cfg["sweep_name"] or f"{cfg['tasks']['name']}-{method}"
     logger = create_logger(cfg["logger"], run_dir, cfg, group=group, job_type=selector)
     try:
+        if method == ADAMERGING:
+            pipeline.merger = learn_adamerging(pipeline, run_dir)
         rows = _score_candidates(pipeline, strategy, selector, run_dir, logger)
         return finalize(pipeline, rows, selector, run_dir, logger, start)
     finally:
@@ -195,6 +229,42 @@ def finalize(pipeline: Pipeline, rows: list[dict[str, Any]], selector: str, run_
     report.print_summary(setting.tasks, selection, pipeline.refs)
     logger.log_summary(rows, selection, images)
     return selection
+
+
+def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
+    """Learn AdaMerging coefficients (or reuse those this run directory already learned with the same
+    settings), save them as JSON and a plot, and return the learned merge."""
+    cfg, setting, timer = pipeline.cfg, pipeline.setting, pipeline.timer
+    method_cfg = cfg["method"]
+    hparams = adamerging_hparams(method_cfg)
+    config = adamerging.AdaMergingConfig(**{k: method_cfg[k] for k in (
+        "granularity", "loss", "iterations", "lr", "batch_size", "init", "ema_momentum")}, seed=cfg["seed"])
+    names = [t.name for t in setting.tasks]
+    out = run_dir / "adamerging"
+    key = content_key("adamerging", setting.zoo.key, dict(method_cfg), cfg["seed"], Path(adamerging.__file__).read_text())
+    if (out / "merged.safetensors").is_file() and (out / "key.txt").is_file() and (out / "key.txt").read_text() == key:
+        return LearnedMerger(ADAMERGING, hparams, checkpoints.load_state_dict(out / "merged.safetensors"))
+    pretrained = checkpoints.load_state_dict(setting.zoo.base)
+    finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[n]) for n in names]
+    images = [t.unlabeled_images(min(method_cfg["n_images"], len(t.splits["train"])), cfg["seed"]) for t in setting.tasks]
+    teachers, heads = None, None
+    if config.loss == "tap":
+        teachers = [teacher_features(setting.load_encoder, setting.zoo.finetuned[n], imgs, "tokens", setting.encoder_spec,
+                                     Path(cfg["paths"]["cache_dir"])) for n, imgs in zip(names, images)]
+    else:
+        heads = adamerging.frozen_heads_or_error(names, [t.kind for t in setting.tasks], setting.load_head)
+    with timer.stage("adamerging"):
+        result = adamerging.learn(setting.new_encoder(pretrained), pretrained, finetuned, images, config, teachers, heads)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "coefficients.json", {
+        "tasks": names, "granularity": config.granularity, "loss": config.loss, "keys": result.keys if config.granularity == "layer" else ["all"],
+        "coefficients": result.coefficients.tolist(), "losses": result.losses, "seconds": result.seconds,
+    })
+    plots.plot_coefficients(result.keys if config.granularity == "layer" else ["all"], result.coefficients.tolist(), names,
+                            out / "coefficients.png")
+    checkpoints.save_state_dict(out / "merged.safetensors", result.merged)
+    atomic_write_text(out / "key.txt", key)
+    return LearnedMerger(ADAMERGING, hparams, result.merged)
 
 
 def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selector: str, run_dir: Path,

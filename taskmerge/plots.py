@@ -91,3 +91,20 @@ def plot_cosine(tasks: Sequence[str], cosine: Sequence[Sequence[float]], with_me
     ax.set_title("cosine similarity of task vectors")
     fig.colorbar(image, ax=ax, fraction=0.046)
     return _save(fig, path)
+
+
+def plot_coefficients(keys: Sequence[str], coefficients: Sequence[Sequence[float]], tasks: Sequence[str], path: str | Path) -> Path:
+    """Learned merge coefficients: one line per task over the parameter tensors (layer-wise) or bars (task-wise)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(keys)), 3.8))
+    columns = list(zip(*coefficients))
+    if len(keys) == 1:
+        ax.bar(range(len(tasks)), columns and [c[0] for c in columns], tick_label=list(tasks))
+    else:
+        for task, values in zip(tasks, columns):
+            ax.plot(range(len(keys)), values, marker=".", ms=3, label=task)
+        ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=5)
+        ax.legend(fontsize=7)
+    ax.set_ylabel("λ")
+    ax.set_title("learned merge coefficients")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -31,6 +31,7 @@ class SelectorName(str, Enum):
     tap = "tap"
     eval = "eval"
     both = "both"
+    frozen_decoder = "frozen_decoder"
 
 
 @dataclass

@@ -148,12 +148,16 @@ def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Pa
     if path.is_file():
         return json.loads(path.read_text())
     base = setting.load_encoder(setting.zoo.base)
-    result: dict[str, dict[str, dict[str, float]]] = {"base": {}, "finetuned": {}}
+    result: dict[str, dict[str, dict[str, float]]] = {"base": {}, "finetuned": {}, "finetuned_frozen": {}}
     for split in ("val", "test"):
         result["base"][split] = evaluation.evaluate_encoder(base, setting.tasks, split, protocol)
         result["finetuned"][split] = {
             t.name: evaluation.evaluate_task(setting.load_encoder(setting.zoo.finetuned[t.name]), t, split, protocol)
             for t in tqdm(setting.tasks, desc=f"reference metrics ({split})", leave=False)
+        }
+        result["finetuned_frozen"][split] = {
+            t.name: evaluation.evaluate_frozen(setting.load_encoder(setting.zoo.finetuned[t.name]), t, setting.load_head(t.name), split, protocol)
+            for t in setting.tasks
         }
     atomic_write_json(path, result)
     return result
@@ -276,7 +280,8 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                                                    pipeline.refs, pipeline.timer)
     method = merger.method
     tap_cfg = cfg["tap"]
-    needs_eval = selector in ("eval", "both")
+    needs_eval = selector in ("eval", "both", "frozen_decoder")
+    heads = {t.name: setting.load_head(t.name) for t in setting.tasks} if selector == "frozen_decoder" else {}
     with timer.stage("teacher_features"):
         unlabeled = {t.name: t.unlabeled_images(tap_cfg["n_samples"], tap_cfg["seed"]) for t in setting.tasks}
         teachers = {
@@ -287,7 +292,8 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
     run_key = content_key(setting.zoo.key, dict(tap_cfg), vars(protocol), method)
     log = CandidateLog(run_dir / CANDIDATES)
     done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows()
-            if r.get("run_key") == run_key and not r.get("error") and (r.get("eval") or not needs_eval)}
+            if r.get("run_key") == run_key and not r.get("error") and (r.get("eval") or not needs_eval)
+            and (r.get("frozen") or not heads)}
     student: nn.Module | None = None
     rows: dict[str, dict[str, Any]] = {}
     for hparams in tqdm(strategy, desc=f"candidates ({method}, {strategy.name}, selector={selector})"):
@@ -312,6 +318,11 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                     normalized = evaluation.normalize_scores(metrics, refs["finetuned"]["val"], setting.tasks)
                     row["eval"] = {**metrics, "normalized": normalized.pop("normalized")}
                     row["eval_normalized"] = normalized
+                if heads:
+                    with _timed(seconds, "frozen"):
+                        frozen = {t.name: evaluation.evaluate_frozen(student, t, heads[t.name], "val", protocol) for t in setting.tasks}
+                    row["frozen"] = {**frozen, "normalized": evaluation.normalize_scores(
+                        frozen, refs["finetuned_frozen"]["val"], setting.tasks)["normalized"]}
             except (FloatingPointError, RuntimeError, ValueError) as error:
                 row["error"] = f"{type(error).__name__}: {error}"
                 tqdm.write(f"candidate {hparams} failed: {row['error']}")
@@ -341,11 +352,13 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
                                                    pipeline.refs, pipeline.timer)
     method = merger.method
     selected: dict[str, Any] = {}
-    if selector in ("tap", "both"):
+    if selector in ("tap", "both", "frozen_decoder"):
         selected["tap"] = search.pick_by_tap(rows)["hparams"]
-    if selector in ("eval", "both"):
+    if selector in ("eval", "both", "frozen_decoder"):
         selected["eval"] = search.pick_by_eval(rows)["hparams"]
-    final_hparams = selected["eval" if selector == "eval" else "tap"]
+    if selector == "frozen_decoder":
+        selected["frozen_decoder"] = search.pick_by_frozen(rows)["hparams"]
+    final_hparams = selected["tap" if selector == "both" else selector]
     final_row = next(r for r in rows if r["hparams"] == final_hparams)
     with timer.stage("final"):
         merged = merger(final_hparams)
@@ -364,8 +377,10 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
         "normalization": "merged/fine-tuned for higher-is-better metrics, fine-tuned/merged for lower-is-better ones",
         "failed_candidates": [{"hparams": r["hparams"], "error": r["error"]} for r in rows if r.get("error")],
     }
-    if selector == "both":
+    if selector in ("both", "frozen_decoder"):
         selection["agreement"] = search.agreement(rows)
         selection["agreement_per_task"] = {t.name: search.task_agreement(rows, t.name) for t in setting.tasks}
         selection["cost"] = search.selector_cost(rows)
+    if selector == "frozen_decoder":
+        selection["frozen_agreement"] = search.frozen_agreement(rows)
     return selection

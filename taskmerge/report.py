@@ -70,6 +70,8 @@ def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Map
     if "agreement" in selection:
         console.print(f"TAP vs Eval: {json.dumps({k: round(v, 4) for k, v in selection['agreement'].items()})}")
         console.print(f"cost: {json.dumps(selection['cost'])}")
+    if "frozen_agreement" in selection:
+        console.print(f"frozen decoders vs Eval: {json.dumps({k: round(v, 4) for k, v in selection['frozen_agreement'].items()})}")
     console.print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in selection["seconds"].items()))
 
 
@@ -96,6 +98,10 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
         per_task = selection["agreement_per_task"]
         parts += [_markdown_table(["task", "spearman (TAP_t, normalized Eval_t)", "kendall", "regret of the lowest TAP_t"],
                                   [[t, f"{v['spearman']:.3f}", f"{v['kendall']:.3f}", f"{v['regret']:.4f}"] for t, v in per_task.items()])]
+        if "frozen_agreement" in selection:
+            frozen = selection["frozen_agreement"]
+            parts += [f"Frozen fine-tuned decoders as a proxy (Appendix E): Spearman {frozen['spearman']:.3f}, "
+                      f"Kendall {frozen['kendall']:.3f} with Eval (negative = agreement), regret {frozen['regret']:.4f}."]
         cost = selection["cost"]
         parts += [f"Cost over the candidates: TAP {cost['tap_seconds']:.1f} s, Eval {cost['eval_seconds']:.1f} s "
                   f"(TAP is {cost['speedup']}× cheaper)."]

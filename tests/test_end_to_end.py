@@ -98,3 +98,15 @@ def test_failed_candidate_is_recorded_and_ignored(tmp_path, cache_dir):
     assert selection["selected"] == {"tap": {"alpha": 0.5}}
     assert selection["failed_candidates"] == [{"hparams": {"alpha": 1e30}, "error": rows[1]["error"]}]
     assert "ignored failed candidate" in result.stdout
+
+
+def test_frozen_decoder_selector_scores_with_the_fine_tuned_heads(tmp_path, cache_dir):
+    run_dir = tmp_path / "frozen"
+    _run(run_dir, "selector=frozen_decoder", "method.search.alpha=[0.2,0.6,1.0]")
+    rows = _rows(run_dir)
+    assert all(set(r["frozen"]) == {"digits", "textures", "shapes", "scenes", "normalized"} and "eval" in r for r in rows)
+    selection = json.loads((run_dir / "selection.json").read_text())
+    best = max(rows, key=lambda r: r["frozen"]["normalized"])
+    assert selection["selected"]["frozen_decoder"] == best["hparams"]
+    assert set(selection["frozen_agreement"]) == {"spearman", "kendall", "regret", "n_candidates"}
+    assert "Appendix E" in (run_dir / "report.md").read_text()

@@ -57,3 +57,13 @@ def normalize_scores(metrics: Mapping[str, float], finetuned: Mapping[str, float
     """Per-task normalized performance against the fine-tuned metrics, plus their mean under `"normalized"`."""
     per_task = {t.name: normalized(metrics[t.name], finetuned[t.name], t.higher_is_better) for t in tasks}
     return {**per_task, "normalized": sum(per_task.values()) / len(per_task)}
+
+
+def evaluate_frozen(encoder: nn.Module, task: Task, head: nn.Module, split: str, protocol: DecoderProtocol) -> float:
+    """The metric on `split` of a decoder kept frozen (the fine-tuned model's own head) on top of `encoder`:
+    the paper's Appendix E baseline, no re-training."""
+    held_out = task.splits[split]
+    outputs = predict(head, extract_features(encoder, held_out.images, head.feature_kind, protocol.feature_batch_size))
+    metric = task.metric_factory()
+    metric.update(outputs, held_out.targets)
+    return metric.compute()

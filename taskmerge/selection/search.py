@@ -149,6 +149,14 @@ def pick_by_tap(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return min(scored, key=lambda r: r["tap"]["mean"])
 
 
+def pick_by_frozen(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The candidate with the highest mean normalized frozen-decoder performance (first on ties)."""
+    scored = _valid(rows, "frozen")
+    if not scored:
+        raise ValueError("no candidate has a frozen-decoder score; run with selector=frozen_decoder")
+    return max(scored, key=lambda r: r["frozen"]["normalized"])
+
+
 def pick_by_eval(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The candidate with the highest mean normalized validation performance (first on ties)."""
     scored = _valid(rows, "eval")
@@ -199,3 +207,14 @@ def selector_cost(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     evaluation = sum(r.get("seconds", {}).get("eval", 0.0) for r in rows)
     return {"tap_seconds": round(tap, 3), "eval_seconds": round(evaluation, 3),
             "speedup": round(evaluation / tap, 1) if tap > 0 else math.nan}
+
+
+def frozen_agreement(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """How well the frozen-decoder score ranks the candidates like Eval: correlations of −frozen (so that,
+    as for TAP, negative means agreement) with normalized Eval, and the regret of the frozen pick."""
+    scored = [r for r in _valid(rows, "eval") if r in _valid(rows, "frozen")]
+    frozen = [-r["frozen"]["normalized"] for r in scored]
+    evals = [r["eval"]["normalized"] for r in scored]
+    return {**_correlations(frozen, evals),
+            "regret": pick_by_eval(scored)["eval"]["normalized"] - pick_by_frozen(scored)["eval"]["normalized"],
+            "n_candidates": len(scored)}

@@ -9,6 +9,7 @@ import math
 import time
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -69,11 +70,17 @@ class Setting:
     def load_encoder(self, path: Path) -> nn.Module:
         return self.new_encoder(checkpoints.load_state_dict(path))
 
+    @cached_property
+    def geometry(self) -> tuple[int, int, tuple[int, int]]:
+        """(embed_dim, patch_size, grid_size) of the encoder, from its spec (no weights read)."""
+        spec = dict(self.encoder_spec)
+        encoder = create_encoder(spec.pop("name"), **spec)
+        return encoder.embed_dim, encoder.patch_size, tuple(encoder.grid_size)
+
     def load_head(self, task_name: str) -> nn.Module:
         """Task `task_name`'s decoder as fine-tuned with its encoder (frozen decoders, entropy AdaMerging)."""
         task = next(t for t in self.tasks if t.name == task_name)
-        encoder = self.new_encoder(checkpoints.load_state_dict(self.zoo.base))
-        head = build_decoder(task.kind, encoder.embed_dim, task.num_outputs, encoder.patch_size, encoder.grid_size)
+        head = build_decoder(task.kind, self.geometry[0], task.num_outputs, *self.geometry[1:])
         head.load_state_dict(checkpoints.load_state_dict(self.zoo.heads[task_name]))
         return head.to(self.device).eval()
 
@@ -148,17 +155,16 @@ def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Pa
     if path.is_file():
         return json.loads(path.read_text())
     base = setting.load_encoder(setting.zoo.base)
-    result: dict[str, dict[str, dict[str, float]]] = {"base": {}, "finetuned": {}, "finetuned_frozen": {}}
-    for split in ("val", "test"):
-        result["base"][split] = evaluation.evaluate_encoder(base, setting.tasks, split, protocol)
-        result["finetuned"][split] = {
-            t.name: evaluation.evaluate_task(setting.load_encoder(setting.zoo.finetuned[t.name]), t, split, protocol)
-            for t in tqdm(setting.tasks, desc=f"reference metrics ({split})", leave=False)
-        }
-        result["finetuned_frozen"][split] = {
-            t.name: evaluation.evaluate_frozen(setting.load_encoder(setting.zoo.finetuned[t.name]), t, setting.load_head(t.name), split, protocol)
-            for t in setting.tasks
-        }
+    splits = ("val", "test")
+    result: dict[str, dict[str, dict[str, float]]] = {kind: {s: {} for s in splits} for kind in ("base", "finetuned", "finetuned_frozen")}
+    for task in tqdm(setting.tasks, desc="reference metrics", leave=False):
+        finetuned = setting.load_encoder(setting.zoo.finetuned[task.name])
+        head = setting.load_head(task.name)
+        for kind, scores in (("base", evaluation.evaluate_task_splits(base, task, splits, protocol)),
+                             ("finetuned", evaluation.evaluate_task_splits(finetuned, task, splits, protocol)),
+                             ("finetuned_frozen", {s: evaluation.evaluate_frozen(finetuned, task, head, s, protocol) for s in splits})):
+            for split in splits:
+                result[kind][split][task.name] = scores[split]
     atomic_write_json(path, result)
     return result
 

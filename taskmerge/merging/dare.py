@@ -33,6 +33,7 @@ from taskmerge.merging._helpers import (
     task_vectors,
     zero_base,
 )
+from taskmerge.merging.ties import Ties
 from taskmerge.merging._registry import HParam, finite_float, register
 
 BASES = ("ta", "ties")
@@ -86,8 +87,8 @@ class Dare(DeltaMethod):
         "p": HParam(0.5, number_in(0, 1, high_open=True), interval(0, 1, high_open=True) + " (drop probability)"),
         "base": HParam("ta", one_of(*BASES), f"one of {list(BASES)} (base merge method)"),
         "seed": HParam(0, int_at_least(0), "a non-negative integer (generator seed)"),
-        "k": HParam(20, number_in(0, 100, low_open=True), interval(0, 100, low_open=True) + " (ties base: percent kept)"),
-        "agg": HParam("mean", one_of("mean", "sum"), "'mean' or 'sum' (ties base: disjoint aggregation)"),
+        "k": Ties.hparams["k"],
+        "agg": Ties.hparams["agg"],
         "alpha": HParam(0.3, finite_float, "a finite number (scaling coefficient)"),
     }
     prepare_hparams = ("p", "base", "seed", "k", "agg")

@@ -26,7 +26,6 @@ from taskmerge.merging._helpers import (
     base_delta,
     flatten,
     int_at_least,
-    interval,
     number_in,
     one_of,
     optional,
@@ -34,6 +33,7 @@ from taskmerge.merging._helpers import (
     scalar_or_sequence,
     sorted_float_keys,
 )
+from taskmerge.merging.ties import Ties
 from taskmerge.merging._registry import HParam, MergeMethod, PreparedMerge, finite_float, register
 
 BASES = ("ta", "ties", "consensus")
@@ -85,8 +85,8 @@ class Lines(MergeMethod):
                         "null (automatic (‖Στ‖₁/‖Δ‖₁)/T) or a finite number (scale of the first block)"),
         "base": HParam("ta", one_of(*BASES), f"one of {list(BASES)} (base merge method)"),
         "num_blocks": HParam(None, optional(int_at_least(1)), "null (inferred from the keys) or an integer >= 1"),
-        "k": HParam(20, number_in(0, 100, low_open=True), interval(0, 100, low_open=True) + " (ties base: percent kept)"),
-        "agg": HParam("mean", one_of("mean", "sum"), "'mean' or 'sum' (ties base: disjoint aggregation)"),
+        "k": Ties.hparams["k"],
+        "agg": Ties.hparams["agg"],
         "tall_lambda": HParam(0.4, scalar_or_sequence(number_in(0, float("inf"))), "a number >= 0 or a list of them (consensus base)"),
         "min_agree": HParam(2, int_at_least(0), "an integer >= 0 (consensus base)"),
     }

@@ -31,21 +31,29 @@ class DecoderProtocol:
     feature_batch_size: int = 256
 
 
-def evaluate_task(encoder: nn.Module, task: Task, split: str, protocol: DecoderProtocol) -> float:
-    """Train `task`'s decoder on the frozen encoder's train features and return its metric on `split`."""
+def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...], protocol: DecoderProtocol) -> dict[str, float]:
+    """Train `task`'s decoder once on the frozen encoder's train features; its metric on each of `splits`."""
     torch.manual_seed(protocol.seed)
     decoder = build_decoder(task.kind, encoder.embed_dim, task.num_outputs, encoder.patch_size, encoder.grid_size)
     kind = decoder.feature_kind
-    train, held_out = task.splits["train"], task.splits[split]
+    train = task.splits["train"]
     train_features = extract_features(encoder, train.images, kind, protocol.feature_batch_size)
     train_module(
         decoder, train_features, train.targets, task.loss, protocol.epochs, protocol.lr, protocol.batch_size,
         protocol.seed, protocol.weight_decay,
     )
-    metric = task.metric_factory()
-    outputs = predict(decoder, extract_features(encoder, held_out.images, kind, protocol.feature_batch_size))
-    metric.update(outputs, held_out.targets)
-    return metric.compute()
+    scores = {}
+    for split in splits:
+        held_out = task.splits[split]
+        metric = task.metric_factory()
+        metric.update(predict(decoder, extract_features(encoder, held_out.images, kind, protocol.feature_batch_size)), held_out.targets)
+        scores[split] = metric.compute()
+    return scores
+
+
+def evaluate_task(encoder: nn.Module, task: Task, split: str, protocol: DecoderProtocol) -> float:
+    """Train `task`'s decoder on the frozen encoder's train features and return its metric on `split`."""
+    return evaluate_task_splits(encoder, task, (split,), protocol)[split]
 
 
 def evaluate_encoder(encoder: nn.Module, tasks: list[Task], split: str, protocol: DecoderProtocol) -> dict[str, float]:

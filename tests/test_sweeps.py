@@ -66,3 +66,16 @@ def test_killed_run_restarts_where_it_stopped(tmp_path, cache_dir):
     assert after[: len(before)] == before, "finished candidates are kept as they were"
     assert [r["hparams"]["alpha"] for r in after] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     assert json.loads((run_dir / "selection.json").read_text())["agreement"]["n_candidates"] == 10
+
+
+def test_hydra_optuna_sweeper_minimises_mean_tap(tmp_path, cache_dir):
+    import yaml
+
+    sweep = tmp_path / "optuna_sweep"
+    _python("-m", "taskmerge.run", "-m", *TINY_OVERRIDES, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.sampler.seed=0", "method.alpha=choice(0.1,0.3,0.5,0.7,0.9)", f"hydra.sweep.dir={sweep}")
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    _python("-m", "taskmerge.select", str(sweep))
+    selection = json.loads((sweep / "selection.json").read_text())
+    assert selection["selected"]["tap"] == {"alpha": best["best_params"]["method.alpha"]}
+    assert selection["selected_tap"]["mean"] == best["best_value"]

@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 from taskmerge import checkpoints, merging, plots, report
 from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
 from taskmerge.decoders import build_decoder
+from taskmerge.distributed import Distributed
 from taskmerge.encoders import create_encoder
 from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
 from taskmerge.tasks import Task, build_builtin_task
-from taskmerge.tracking import CANDIDATES, CandidateLog, RunLogger, candidate_id, create_logger
+from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger
 from taskmerge.zoo import Zoo, get_builtin_zoo
 
 REFERENCE_CACHE_VERSION = 1
@@ -137,34 +138,43 @@ def build_tasks(tasks_cfg: Mapping[str, Any]) -> list[Task]:
     return [build_builtin_task(name, *sizes, tasks_cfg["image_size"], tasks_cfg["seed"]) for name in tasks_cfg["names"]]
 
 
-def load_setting(cfg: Mapping[str, Any], timer: StageTimer) -> Setting:
-    """Build the tasks and get (build once, then reuse) the zoo."""
+def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Setting:
+    """Build the tasks and get (build once, then reuse) the zoo; with several processes rank 0 builds it."""
     tasks = build_tasks(cfg["tasks"])
     with timer.stage("zoo"):
+        if not distributed.is_main:
+            distributed.barrier()
         zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], tasks, cfg["seed"], cfg["paths"]["cache_dir"])
+        if distributed.is_main:
+            distributed.barrier()
     return Setting(tasks=tasks, zoo=zoo, encoder_spec=dict(cfg["encoder"]), device=resolve_device(cfg["device"]))
 
 
-def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Path,
+                      distributed: Distributed = Distributed()) -> dict[str, dict[str, dict[str, float]]]:
     """Metrics of the base and of each fine-tuned encoder (on its own task), on val and test, with the
     same decoder protocol as the candidates; cached under a key of zoo, data and protocol."""
     data = {t.name: [t.splits[s].images for s in ("train", "val", "test")] for t in setting.tasks}
     key = content_key("references", REFERENCE_CACHE_VERSION, setting.zoo.fingerprints(), data, vars(protocol),
                       Path(evaluation.__file__).read_text())
     path = Path(cache_dir) / "references" / f"{key[:32]}.json"
+    distributed.barrier()
     if path.is_file():
         return json.loads(path.read_text())
     base = setting.load_encoder(setting.zoo.base)
     splits = ("val", "test")
-    result: dict[str, dict[str, dict[str, float]]] = {kind: {s: {} for s in splits} for kind in ("base", "finetuned", "finetuned_frozen")}
-    for task in tqdm(setting.tasks, desc="reference metrics", leave=False):
+    part = {}
+    for task in tqdm(distributed.shard(setting.tasks), desc="reference metrics", leave=False):
         finetuned = setting.load_encoder(setting.zoo.finetuned[task.name])
         head = setting.load_head(task.name)
-        for kind, scores in (("base", evaluation.evaluate_task_splits(base, task, splits, protocol)),
-                             ("finetuned", evaluation.evaluate_task_splits(finetuned, task, splits, protocol)),
-                             ("finetuned_frozen", {s: evaluation.evaluate_frozen(finetuned, task, head, s, protocol) for s in splits})):
-            for split in splits:
-                result[kind][split][task.name] = scores[split]
+        part[task.name] = {"base": evaluation.evaluate_task_splits(base, task, splits, protocol),
+                           "finetuned": evaluation.evaluate_task_splits(finetuned, task, splits, protocol),
+                           "finetuned_frozen": {s: evaluation.evaluate_frozen(finetuned, task, head, s, protocol) for s in splits}}
+    gathered = distributed.gather_dict(part)
+    result = {kind: {s: {t.name: gathered[t.name][kind][s] for t in setting.tasks} for s in splits}
+              for kind in ("base", "finetuned", "finetuned_frozen")}
+    if not distributed.is_main:
+        return result
     atomic_write_json(path, result)
     return result
 
@@ -187,19 +197,20 @@ class Pipeline:
     refs: dict[str, Any]
     merger: CandidateMerger | LearnedMerger
     timer: StageTimer
+    distributed: Distributed = Distributed()
 
 
-def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer) -> Pipeline:
+def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Pipeline:
     """Load the setting (zoo built or reused) and the cached reference metrics for `cfg`."""
     protocol = DecoderProtocol(**{k: v for k, v in cfg["decoder"].items() if k != "name"}, seed=cfg["seed"])
-    setting = load_setting(cfg, timer)
+    setting = load_setting(cfg, timer, distributed)
     with timer.stage("references"):
-        refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]))
-    return Pipeline(cfg, setting, protocol, refs, CandidateMerger(cfg["method"]["name"], setting, timer), timer)
+        refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]), distributed)
+    return Pipeline(cfg, setting, protocol, refs, CandidateMerger(cfg["method"]["name"], setting, timer), timer, distributed)
 
 
-def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Run the configured pipeline in `run_dir` and return the selection summary (also written there)."""
+def run_experiment(cfg: Mapping[str, Any], run_dir: Path, distributed: Distributed = Distributed()) -> dict[str, Any]:
+    """Run the configured pipeline in `run_dir` and return the selection summary (written there by rank 0)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     timer, start = StageTimer(), time.perf_counter()
@@ -209,9 +220,9 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     else:
         fixed, space = _method_space(cfg["method"])
         strategy = search.build_strategy(cfg["search"], method, fixed, space, run_dir)
-    pipeline = open_pipeline(cfg, timer)
+    pipeline = open_pipeline(cfg, timer, distributed)
     group = cfg["sweep_name"] or f"{cfg['tasks']['name']}-{method}"
-    logger = create_logger(cfg["logger"], run_dir, cfg, group=group, job_type=selector)
+    logger = create_logger(cfg["logger"], run_dir, cfg, group=group, job_type=selector) if distributed.is_main else NullLogger()
     try:
         if method == ADAMERGING:
             pipeline.merger = learn_adamerging(pipeline, run_dir)
@@ -228,6 +239,8 @@ def finalize(pipeline: Pipeline, rows: list[dict[str, Any]], selector: str, run_
     selection = _select_and_finalize(pipeline, selector, rows, run_dir)
     timer.seconds["total"] = time.perf_counter() - start
     selection["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+    if not pipeline.distributed.is_main:
+        return selection
     atomic_write_json(run_dir / "selection.json", selection)
     images = {}
     if any(r.get("eval") for r in rows):
@@ -252,6 +265,7 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     names = [t.name for t in setting.tasks]
     out = run_dir / "adamerging"
     key = content_key("adamerging", setting.zoo.key, dict(method_cfg), cfg["seed"], Path(adamerging.__file__).read_text())
+    pipeline.distributed.barrier()
     if (out / "merged.safetensors").is_file() and (out / "key.txt").is_file() and (out / "key.txt").read_text() == key:
         return LearnedMerger(ADAMERGING, hparams, checkpoints.load_state_dict(out / "merged.safetensors"))
     pretrained = checkpoints.load_state_dict(setting.zoo.base)
@@ -264,7 +278,10 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     else:
         heads = adamerging.frozen_heads_or_error(names, [t.kind for t in setting.tasks], setting.load_head)
     with timer.stage("adamerging"):
-        result = adamerging.learn(setting.new_encoder(pretrained), pretrained, finetuned, images, config, teachers, heads)
+        result = adamerging.learn(setting.new_encoder(pretrained), pretrained, finetuned, images, config, teachers, heads,
+                                  pipeline.distributed)
+    if not pipeline.distributed.is_main:
+        return LearnedMerger(ADAMERGING, hparams, result.merged)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "coefficients.json", {
         "tasks": names, "granularity": config.granularity, "loss": config.loss, "keys": result.keys if config.granularity == "layer" else ["all"],
@@ -300,6 +317,7 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
     done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows()
             if r.get("run_key") == run_key and not r.get("error") and (r.get("eval") or not needs_eval)
             and (r.get("frozen") or not heads)}
+    pipeline.distributed.barrier()  # every rank has read the log before rank 0 appends to it
     student: nn.Module | None = None
     rows: dict[str, dict[str, Any]] = {}
     for hparams in tqdm(strategy, desc=f"candidates ({method}, {strategy.name}, selector={selector})"):
@@ -320,7 +338,7 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                     raise FloatingPointError(f"non-finite TAP {row['tap']}")
                 if needs_eval:
                     with _timed(seconds, "eval"):
-                        metrics = evaluation.evaluate_encoder(student, setting.tasks, "val", protocol)
+                        metrics = evaluation.evaluate_encoder(student, setting.tasks, "val", protocol, pipeline.distributed)
                     normalized = evaluation.normalize_scores(metrics, refs["finetuned"]["val"], setting.tasks)
                     row["eval"] = {**metrics, "normalized": normalized.pop("normalized")}
                     row["eval_normalized"] = normalized
@@ -338,8 +356,9 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
             for name, value in seconds.items():
                 if name != "total":
                     timer.seconds[f"candidates_{name}"] = timer.seconds.get(f"candidates_{name}", 0.0) + value
-            log.append(row)
-            logger.log_candidate(row)
+            if pipeline.distributed.is_main:
+                log.append(row)
+                logger.log_candidate(row)
         rows[key] = row
         strategy.report(hparams, _objective(row, selector))
     return list(rows.values())
@@ -369,9 +388,9 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
     with timer.stage("final"):
         merged = merger(final_hparams)
         encoder = setting.new_encoder(merged)
-        test = evaluation.evaluate_encoder(encoder, setting.tasks, "test", protocol)
+        test = evaluation.evaluate_encoder(encoder, setting.tasks, "test", protocol, pipeline.distributed)
         normalized = evaluation.normalize_scores(test, refs["finetuned"]["test"], setting.tasks)
-    if cfg["save_merged"]:
+    if cfg["save_merged"] and pipeline.distributed.is_main:
         checkpoints.save_state_dict(run_dir / "merged_encoder.safetensors", merged, metadata={"method": method, "hparams": str(final_hparams)})
     selection: dict[str, Any] = {
         "method": method,

@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from taskmerge.config import register_configs
+from taskmerge.distributed import from_environment
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -29,11 +30,12 @@ def main(cfg: DictConfig) -> float:
     from taskmerge.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    distributed = from_environment()
+    run_dir = Path(distributed.broadcast(hydra_cfg.runtime.output_dir))  # one run directory for all ranks
     plain = to_plain(cfg)
     if plain["sweep_name"] is None and hydra_cfg.mode == RunMode.MULTIRUN:
         plain["sweep_name"] = Path(hydra_cfg.sweep.dir).name
-    selection = run_experiment(plain, run_dir)
+    selection = run_experiment(plain, run_dir, distributed)
     log.info("outputs in %s", run_dir)
     return float(selection["selected_tap"]["mean"])
 

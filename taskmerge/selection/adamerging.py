@@ -24,6 +24,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from taskmerge.distributed import Distributed
+
 
 @dataclass(frozen=True)
 class AdaMergingConfig:
@@ -90,11 +92,14 @@ def learn(
     config: AdaMergingConfig,
     teachers: Sequence[torch.Tensor] | None = None,
     heads: Sequence[nn.Module] | None = None,
+    distributed: Distributed = Distributed(),
 ) -> AdaMergingResult:
     """Learn λ on `images[t]` (unlabeled, per task) and return the merged weights.
 
     For `loss="tap"`, `teachers[t]` holds the fine-tuned encoder's token features of `images[t]`; for
-    `loss="entropy"`, `heads[t]` is task t's frozen classification head on pooled features.
+    `loss="entropy"`, `heads[t]` is task t's frozen classification head on pooled features. With several
+    processes each rank computes the loss of its share of the tasks and the gradients of λ are summed, so
+    every rank takes the same steps; batches are drawn from one seeded stream on every rank.
     """
     if config.granularity not in ("task", "layer"):
         raise ValueError(f"adamerging granularity must be 'task' or 'layer', got {config.granularity!r}")
@@ -137,6 +142,8 @@ def learn(
         total = torch.zeros(())
         for t in range(num_tasks):
             index = torch.randint(len(images[t]), (config.batch_size,), generator=generator)
+            if not distributed.owns(t):
+                continue
             outputs = functional_call(model, params, (images[t][index],), strict=False)
             if config.loss == "tap":
                 student = student_norm(outputs)
@@ -149,9 +156,15 @@ def learn(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"adamerging loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
+        if raw.grad is None:
+            raw.grad = torch.zeros_like(raw)
+        distributed.all_reduce_sum_(raw.grad)
         optimizer.step()
-        losses.append(loss.item())
+        value = loss.detach().clone()
+        distributed.all_reduce_sum_(value)
+        losses.append(value.item())
     with torch.no_grad():
         lam = coefficients().detach().clone()
         merged = {key: value.detach().clone() for key, value in merged_params(lam).items()}

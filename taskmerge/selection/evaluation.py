@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from taskmerge.decoders import build_decoder
+from taskmerge.distributed import Distributed
 from taskmerge.decoders.training import predict, train_module
 from taskmerge.encoders.extract import extract_features
 from taskmerge.tasks import Task
@@ -56,9 +57,13 @@ def evaluate_task(encoder: nn.Module, task: Task, split: str, protocol: DecoderP
     return evaluate_task_splits(encoder, task, (split,), protocol)[split]
 
 
-def evaluate_encoder(encoder: nn.Module, tasks: list[Task], split: str, protocol: DecoderProtocol) -> dict[str, float]:
-    """Metric per task on `split` with freshly trained decoders."""
-    return {task.name: evaluate_task(encoder, task, split, protocol) for task in tasks}
+def evaluate_encoder(encoder: nn.Module, tasks: list[Task], split: str, protocol: DecoderProtocol,
+                     distributed: Distributed = Distributed()) -> dict[str, float]:
+    """Metric per task on `split` with freshly trained decoders; with several processes each rank trains its
+    share of the tasks' decoders and every rank gets all metrics."""
+    part = {task.name: evaluate_task(encoder, task, split, protocol) for task in distributed.shard(tasks)}
+    metrics = distributed.gather_dict(part)
+    return {task.name: metrics[task.name] for task in tasks}
 
 
 def normalize_scores(metrics: Mapping[str, float], finetuned: Mapping[str, float], tasks: list[Task]) -> dict[str, float]:

@@ -727,13 +727,12 @@ def test_tall_masks_per_task_lambdas():
         merging.tall_masks(pre, fts, tall_lambda=[0.2, 0.4])
 
 
-def test_helpers_flatten_roundtrip_and_matrix_rule():
+def test_helpers_flatten_order_and_matrix_rule():
     from taskmerge.merging import _helpers
 
     pre, _ = make_checkpoints(1, blocks=1)
     keys = _helpers.sorted_float_keys(pre)
-    back = _helpers.unflatten(_helpers.flatten(pre, keys), pre, keys)
-    assert all(torch.equal(back[k], pre[k]) for k in keys)
+    assert keys == sorted(keys) and torch.equal(_helpers.flatten(pre, keys), torch.cat([pre[k].reshape(-1) for k in keys]))
     matrices = {k for k in pre if _helpers.is_matrix(k, pre[k])}
     assert "model.text_projection" not in matrices and "model.visual.conv1.weight" not in matrices
     assert {"model.token_embedding.weight", "model.visual.proj", "model.visual.positional_embedding"} <= matrices

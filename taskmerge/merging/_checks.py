@@ -9,11 +9,6 @@ import torch
 from taskmerge.checkpoints import LazyStateDict
 
 
-def is_mergeable(tensor: torch.Tensor) -> bool:
-    """Floating-point tensors are merged; integer and boolean buffers are copied from the base."""
-    return tensor.is_floating_point()
-
-
 def key_meta(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:
     """dtype and shape of one entry; read from the header for lazily loaded checkpoints."""
     if isinstance(state_dict, LazyStateDict):
@@ -23,7 +18,8 @@ def key_meta(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dt
 
 
 def mergeable_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """The floating-point keys, in mapping order, without reading lazily loaded tensors."""
+    """The keys that are merged, in mapping order: floating-point tensors (integer and boolean buffers such as
+    `num_batches_tracked` are copied from the pretrained model). Lazily loaded tensors are not read."""
     return [key for key in state_dict if key_meta(state_dict, key)[0].is_floating_point]
 
 

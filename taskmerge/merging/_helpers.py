@@ -49,18 +49,6 @@ def flatten(tensors: Tensors, keys: Sequence[str]) -> torch.Tensor:
     return torch.cat([tensors[key].reshape(-1) for key in keys])
 
 
-def unflatten(flat: torch.Tensor, like: Tensors, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Inverse of `flatten`: split `flat` into tensors shaped as `like[key]` (views into `flat`)."""
-    out, start = {}, 0
-    for key in keys:
-        numel = like[key].numel()
-        out[key] = flat[start:start + numel].view(like[key].shape)
-        start += numel
-    if start != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} entries, the keys need {start}")
-    return out
-
-
 # ------------------------------------------------------------------------------------- task vectors
 
 

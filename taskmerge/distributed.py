@@ -61,6 +61,12 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group once every rank is done (an undestroyed gloo group can abort at exit)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def from_environment() -> Distributed:
     """Join the process group described by the environment: torchrun's `WORLD_SIZE`/`RANK`, or a submitit

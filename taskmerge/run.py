@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> float:
     if plain["sweep_name"] is None and hydra_cfg.mode == RunMode.MULTIRUN:
         plain["sweep_name"] = Path(hydra_cfg.sweep.dir).name
     selection = run_experiment(plain, run_dir, distributed)
+    distributed.close()
     log.info("outputs in %s", run_dir)
     return float(selection["selected_tap"]["mean"])
 

@@ -6,12 +6,15 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from taskmerge.legacy_pickle import load_legacy
 
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 
@@ -50,14 +53,18 @@ def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], me
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights from safetensors (memory-mapped) or a tensor-only `.pt/.pth` state dict."""
+    """Read weights from safetensors, a tensor-only `.pt/.pth` state dict, or a legacy pickled model object
+    (through the restricted unpickler of `taskmerge.legacy_pickle`, which never runs pickled code)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path))
     if path.suffix in (".pt", ".pth", ".bin"):
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return load_legacy(path)
         if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(loaded).__name__}")
         return dict(loaded)

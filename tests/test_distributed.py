@@ -1,6 +1,7 @@
 """Two processes under torchrun (gloo on the CPU): decoders and AdaMerging split by task, rank 0 writes."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,15 @@ def _run(*args: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _torchrun(*args: str) -> None:
-    _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "taskmerge.run", *args)
+    _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+         "-m", "taskmerge.run", *args)
 
 
 def test_two_ranks_give_the_single_process_results(tmp_path, cache_dir):

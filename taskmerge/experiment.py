@@ -21,7 +21,7 @@ from taskmerge import checkpoints, merging, plots, report
 from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
-from taskmerge.encoders import create_encoder
+from taskmerge.encoders import encoder_from_spec
 from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
@@ -63,8 +63,7 @@ class Setting:
     device: torch.device
 
     def new_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-        spec = dict(self.encoder_spec)
-        encoder = create_encoder(spec.pop("name"), **spec)
+        encoder = encoder_from_spec(self.encoder_spec)
         encoder.load_state_dict(state_dict)
         return encoder.to(self.device).eval()
 
@@ -74,8 +73,7 @@ class Setting:
     @cached_property
     def geometry(self) -> tuple[int, int, tuple[int, int]]:
         """(embed_dim, patch_size, grid_size) of the encoder, from its spec (no weights read)."""
-        spec = dict(self.encoder_spec)
-        encoder = create_encoder(spec.pop("name"), **spec)
+        encoder = encoder_from_spec(self.encoder_spec)
         return encoder.embed_dim, encoder.patch_size, tuple(encoder.grid_size)
 
     def load_head(self, task_name: str) -> nn.Module:
@@ -283,12 +281,12 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     if not pipeline.distributed.is_main:
         return LearnedMerger(ADAMERGING, hparams, result.merged)
     out.mkdir(parents=True, exist_ok=True)
+    rows = result.keys if config.granularity == "layer" else ["all"]
     atomic_write_json(out / "coefficients.json", {
-        "tasks": names, "granularity": config.granularity, "loss": config.loss, "keys": result.keys if config.granularity == "layer" else ["all"],
+        "tasks": names, "granularity": config.granularity, "loss": config.loss, "keys": rows,
         "coefficients": result.coefficients.tolist(), "losses": result.losses, "seconds": result.seconds,
     })
-    plots.plot_coefficients(result.keys if config.granularity == "layer" else ["all"], result.coefficients.tolist(), names,
-                            out / "coefficients.png")
+    plots.plot_coefficients(rows, result.coefficients.tolist(), names, out / "coefficients.png")
     checkpoints.save_state_dict(out / "merged.safetensors", result.merged)
     atomic_write_text(out / "key.txt", key)
     return LearnedMerger(ADAMERGING, hparams, result.merged)

@@ -24,7 +24,7 @@ from taskmerge import checkpoints
 from taskmerge.cache import atomic_write_json, content_key
 from taskmerge.decoders import LinearClassifier, build_decoder
 from taskmerge.decoders import training as decoder_training
-from taskmerge.encoders import create_encoder
+from taskmerge.encoders import encoder_from_spec
 from taskmerge.encoders import vit as builtin_vit
 from taskmerge.tasks import Task
 from taskmerge.tasks import builtin_data
@@ -115,11 +115,9 @@ def _build_builtin_zoo(
     root: Path, encoder_cfg: Mapping[str, Any], recipe: Mapping[str, Any], tasks: list[Task], seed: int
 ) -> dict[str, Any]:
     """Pre-train the base encoder, fine-tune one copy per task, save all weights under `root`."""
-    encoder_cfg = dict(encoder_cfg)
-    name = encoder_cfg.pop("name")
     pre, ft = recipe["pretrain"], recipe["finetune"]
     torch.manual_seed(seed)
-    encoder = create_encoder(name, **encoder_cfg)
+    encoder = encoder_from_spec(encoder_cfg)
     images, labels = builtin_data.pretrain_mixture(pre["n_images"], encoder_cfg["img_size"], seed)
     start = time.perf_counter()
     model = _EncoderWithHead(encoder, LinearClassifier(encoder.embed_dim, len(builtin_data.PRETRAIN_FAMILIES)))
@@ -142,4 +140,4 @@ def _build_builtin_zoo(
         checkpoints.save_state_dict(root / "finetuned" / f"{task.name}.safetensors", student.state_dict())
         checkpoints.save_state_dict(root / "heads" / f"{task.name}.safetensors", head.state_dict())
         log[task.name] = {"final_loss": losses[-1], "seconds": time.perf_counter() - start}
-    return {"encoder": {"name": name, **encoder_cfg}, "recipe": json.loads(json.dumps(dict(recipe))), "log": log}
+    return {"encoder": dict(encoder_cfg), "recipe": json.loads(json.dumps(dict(recipe))), "log": log}

@@ -6,7 +6,7 @@ with CLS and register tokens already removed, so TAP and dense decoders never se
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -39,3 +39,9 @@ def create_encoder(name: str, **kwargs: Any) -> nn.Module:
     if name not in _FACTORIES:
         raise KeyError(f"unknown encoder {name!r}; available: {available()}")
     return _FACTORIES[name](**kwargs)
+
+
+def encoder_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """Build an encoder from a config mapping: its `name` plus the factory's keyword arguments."""
+    kwargs = dict(spec)
+    return create_encoder(kwargs.pop("name"), **kwargs)

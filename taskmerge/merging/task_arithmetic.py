@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from taskmerge.merging._checks import key_meta
-from taskmerge.merging._helpers import chunk_bounds, float_keys, stacked_task_vector_chunk
-from taskmerge.merging._registry import HParam, MergeMethod, PreparedMerge, finite_float, register
+from taskmerge.merging._helpers import DeltaMethod, ScaledDelta, chunk_bounds, float_keys, stacked_task_vector_chunk
+from taskmerge.merging._registry import HParam, MergeMethod, finite_float, register
 
 
 def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -30,37 +30,26 @@ def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence
     return total
 
 
-class _ScaledSum(PreparedMerge):
-    def __init__(self, pretrained: Mapping[str, torch.Tensor], total: dict[str, torch.Tensor]) -> None:
-        self.pretrained, self.total = pretrained, total
+class _AverageState(ScaledDelta):
+    """θ0 + (1/T)·Σ τ_t: the θ0 + α·Δ state with α fixed to 1/T."""
 
-    def scaled(self, alpha: float) -> dict[str, torch.Tensor]:
-        return {key: self.pretrained[key] + alpha * tau for key, tau in self.total.items()}
-
-
-class _TaskArithmeticState(_ScaledSum):
-    def combine(self, alpha: float, **_: Any) -> dict[str, torch.Tensor]:
-        return self.scaled(alpha)
-
-
-class _AverageState(_ScaledSum):
     def __init__(self, pretrained: Mapping[str, torch.Tensor], total: dict[str, torch.Tensor], num_tasks: int) -> None:
         super().__init__(pretrained, total)
         self.num_tasks = num_tasks
 
-    def combine(self, **_: Any) -> dict[str, torch.Tensor]:
-        return self.scaled(1.0 / self.num_tasks)
+    def combine(self, **extra: Any) -> dict[str, torch.Tensor]:
+        return super().combine(1.0 / self.num_tasks, **extra)
 
 
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(DeltaMethod):
     """θ0 + α·Σ τ_t."""
 
     name = "ta"
     hparams = {"alpha": HParam(0.3, finite_float, "a finite number (scaling coefficient)")}
 
-    def prepare(self, pretrained, finetuned, **fixed):
-        return _TaskArithmeticState(pretrained, sum_task_vectors(pretrained, finetuned))
+    def delta(self, pretrained, finetuned, **fixed):
+        return sum_task_vectors(pretrained, finetuned)
 
 
 @register

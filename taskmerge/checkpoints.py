@@ -158,14 +158,24 @@ def open_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> Mapping[
     return load_state_dict(path)
 
 
-def fingerprint(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, memoised per (path, size, mtime) within the process."""
+def _memo_key(path: str | Path) -> tuple[str, int, int]:
     path = Path(path).resolve()
     stat = path.stat()
-    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def remember_fingerprint(path: str | Path, digest: str) -> None:
+    """Record the known SHA-256 of a file this process wrote or verified (content-addressed caches), so
+    `fingerprint` does not read it again while its size and mtime are unchanged."""
+    _FINGERPRINTS[_memo_key(path)] = digest
+
+
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, memoised per (path, size, mtime) within the process."""
+    memo = _memo_key(path)
     if memo not in _FINGERPRINTS:
         digest = hashlib.sha256()
-        with path.open("rb") as handle:
+        with Path(path).open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
         _FINGERPRINTS[memo] = digest.hexdigest()

@@ -48,6 +48,15 @@ class BuiltinViTConfig:
 
 
 @dataclass
+class ClipEncoderConfig:
+    """An open_clip CLIP image encoder (`pretrained=None`: weights come from the release checkpoints)."""
+
+    name: str = "clip"
+    model: str = "ViT-B-32"
+    quick_gelu: bool = True
+
+
+@dataclass
 class PretrainConfig:
     n_images: int = 8000
     epochs: int = 5
@@ -75,6 +84,7 @@ class BuiltinTasksConfig:
     """The built-in benchmark: generated/real images split into train/val/test per task."""
 
     name: str = "builtin"
+    setting: str = "builtin"
     names: list[str] = field(default_factory=lambda: ["digits", "textures", "shapes", "scenes"])
     n_train: int = 1200
     n_val: int = 300
@@ -82,6 +92,33 @@ class BuiltinTasksConfig:
     image_size: int = "${encoder.img_size}"  # type: ignore[assignment]
     seed: int = 0
     zoo: ZooRecipeConfig = field(default_factory=ZooRecipeConfig)
+
+
+class ReleaseFormat(str, Enum):
+    A = "A"
+    B = "B"
+
+
+class HeadSource(str, Enum):
+    release = "release"
+    zeroshot = "zeroshot"
+
+
+@dataclass
+class ClipTasksConfig:
+    """Datasets of the CLIP benchmark (task_vectors layout under `data_location`) and the release that holds
+    their fine-tuned encoders and heads (`checkpoints`, format A or B)."""
+
+    name: str = "clip8"
+    setting: str = "clip"
+    names: list[str] = MISSING
+    data_location: Optional[str] = "${paths.data}"
+    checkpoints: Optional[str] = "${paths.checkpoints}"
+    format: ReleaseFormat = ReleaseFormat.B
+    heads: HeadSource = HeadSource.release
+    zeroshot_weights: Optional[str] = None
+    max_eval_images: Optional[int] = None
+    num_workers: int = 4
 
 
 @dataclass
@@ -170,6 +207,14 @@ class DecoderConfig:
 
 
 @dataclass
+class FrozenHeadDecoderConfig:
+    """Eval with the setting's frozen heads (CLIP): no decoder training; `batch_size` of the forward passes."""
+
+    name: str = "frozen_head"
+    batch_size: int = 256
+
+
+@dataclass
 class LoggerConfig:
     name: str = "wandb"
     mode: str = "offline"
@@ -181,6 +226,8 @@ class LoggerConfig:
 @dataclass
 class PathsConfig:
     cache_dir: str = "${oc.env:TASKMERGE_CACHE_DIR,${oc.env:HOME,.}/.cache/taskmerge}"
+    data: Optional[str] = "${oc.env:TASKMERGE_DATA_DIR,null}"
+    checkpoints: Optional[str] = "${oc.env:TASKMERGE_CHECKPOINTS_DIR,null}"
 
 
 @dataclass
@@ -205,7 +252,9 @@ class Config:
 SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     (None, "config_schema"): Config,
     ("encoder", "builtin_vit_schema"): BuiltinViTConfig,
+    ("encoder", "clip_schema"): ClipEncoderConfig,
     ("tasks", "builtin_schema"): BuiltinTasksConfig,
+    ("tasks", "clip_schema"): ClipTasksConfig,
     ("method", "average_schema"): AverageConfig,
     ("method", "ta_schema"): TAConfig,
     ("method", "adamerging_schema"): AdaMergingMethodConfig,
@@ -214,6 +263,7 @@ SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     ("search", "random_schema"): RandomSearchConfig,
     ("search", "optuna_schema"): OptunaSearchConfig,
     ("decoder", "decoder_schema"): DecoderConfig,
+    ("decoder", "frozen_head_schema"): FrozenHeadDecoderConfig,
     ("logger", "logger_schema"): LoggerConfig,
     ("paths", "paths_schema"): PathsConfig,
     **METHOD_SCHEMAS,

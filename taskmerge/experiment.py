@@ -17,15 +17,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskmerge import checkpoints, merging, plots, report
+from taskmerge import checkpoints, merging, plots, release_zoo, report
 from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.encoders import encoder_from_spec
+from taskmerge.encoders.clip import preprocess as clip_preprocess
+from taskmerge.encoders.clip import image_size as clip_image_size
+from taskmerge.encoders.clip import pretrained_clip
 from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
-from taskmerge.tasks import Task, build_builtin_task
+from taskmerge.tasks import Task, build_builtin_task, clip_datasets
+from taskmerge.tasks import clip as clip_tasks
 from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger
 from taskmerge.zoo import Zoo, get_builtin_zoo
 
@@ -64,7 +68,7 @@ class Setting:
 
     def new_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
         encoder = encoder_from_spec(self.encoder_spec)
-        encoder.load_state_dict(state_dict)
+        encoder.load_state_dict(encoder.encoder_weights(state_dict))
         return encoder.to(self.device).eval()
 
     def load_encoder(self, path: Path) -> nn.Module:
@@ -79,6 +83,8 @@ class Setting:
     def load_head(self, task_name: str) -> nn.Module:
         """Task `task_name`'s decoder as fine-tuned with its encoder (frozen decoders, entropy AdaMerging)."""
         task = next(t for t in self.tasks if t.name == task_name)
+        if task.head is not None:
+            return task.head
         head = build_decoder(task.kind, self.geometry[0], task.num_outputs, *self.geometry[1:])
         head.load_state_dict(checkpoints.load_state_dict(self.zoo.heads[task_name]))
         return head.to(self.device).eval()
@@ -136,24 +142,66 @@ def build_tasks(tasks_cfg: Mapping[str, Any]) -> list[Task]:
     return [build_builtin_task(name, *sizes, tasks_cfg["image_size"], tasks_cfg["seed"]) for name in tasks_cfg["names"]]
 
 
+def _required_path(tasks_cfg: Mapping[str, Any], key: str, env: str) -> Path:
+    value = tasks_cfg[key]
+    if value is None:
+        raise ValueError(f"tasks.{key} is not set: pass paths.{'data' if key == 'data_location' else key}=DIR, "
+                         f"set it in configs/local/, or export {env}")
+    return Path(value)
+
+
+def _clip_zoo(cfg: Mapping[str, Any]) -> Zoo:
+    """The release zoo of the configured CLIP tasks, with the release's heads or zero-shot heads."""
+    tasks_cfg, model, cache_dir = cfg["tasks"], cfg["encoder"]["model"], cfg["paths"]["cache_dir"]
+    names, root = list(tasks_cfg["names"]), _required_path(tasks_cfg, "data_location", "TASKMERGE_DATA_DIR")
+    heads = None
+    if tasks_cfg["heads"] == "zeroshot":
+        if tasks_cfg["zeroshot_weights"] is None:
+            raise ValueError("tasks.heads=zeroshot needs tasks.zeroshot_weights=PATH to pretrained CLIP weights (text tower)")
+        clip, tokenizer = pretrained_clip(model, tasks_cfg["zeroshot_weights"], cfg["encoder"]["quick_gelu"])
+        heads = clip_tasks.zeroshot_heads(clip, tokenizer, names, root, cache_dir,
+                                          checkpoints.fingerprint(tasks_cfg["zeroshot_weights"]))
+    checkpoint_root = _required_path(tasks_cfg, "checkpoints", "TASKMERGE_CHECKPOINTS_DIR")
+    return release_zoo.get_release_zoo(checkpoint_root, model, names, str(tasks_cfg["format"]), cache_dir, heads)
+
+
+def _clip_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
+    """The CLIP datasets with the release's splits and preprocessing and their frozen heads."""
+    tasks_cfg = cfg["tasks"]
+    root = Path(tasks_cfg["data_location"])
+    transform = clip_preprocess(clip_image_size(cfg["encoder"]["model"]))
+    return [clip_tasks.build_clip_task(name, root, transform, clip_tasks.load_head(zoo.heads[name]),
+                                       tasks_cfg["max_eval_images"], tasks_cfg["num_workers"], cfg["seed"])
+            for name in tasks_cfg["names"]]
+
+
 def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Setting:
-    """Build the tasks and get (build once, then reuse) the zoo; with several processes rank 0 builds it."""
-    tasks = build_tasks(cfg["tasks"])
+    """Build the tasks and get the zoo (the built-in one is built once, then reused; a release is converted
+    once); with several processes rank 0 builds or converts it while the others wait."""
+    clip = cfg["tasks"]["setting"] == "clip"
+    if clip:
+        root = _required_path(cfg["tasks"], "data_location", "TASKMERGE_DATA_DIR")
+        clip_datasets.check_layout(list(cfg["tasks"]["names"]), root)
+    tasks = [] if clip else build_tasks(cfg["tasks"])
     with timer.stage("zoo"):
         if not distributed.is_main:
             distributed.barrier()
-        zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], tasks, cfg["seed"], cfg["paths"]["cache_dir"])
+        if clip:
+            zoo = _clip_zoo(cfg)
+        else:
+            zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], tasks, cfg["seed"], cfg["paths"]["cache_dir"])
         if distributed.is_main:
             distributed.barrier()
+    tasks = _clip_tasks(cfg, zoo) if clip else tasks
     return Setting(tasks=tasks, zoo=zoo, encoder_spec=dict(cfg["encoder"]), device=resolve_device(cfg["device"]))
 
 
-def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Path,
+def reference_metrics(setting: Setting, protocol: evaluation.Protocol, cache_dir: Path,
                       distributed: Distributed = Distributed()) -> dict[str, dict[str, dict[str, float]]]:
     """Metrics of the base and of each fine-tuned encoder (on its own task), on val and test, with the
     same decoder protocol as the candidates; cached under a key of zoo, data and protocol."""
-    data = {t.name: [t.splits[s].images for s in ("train", "val", "test")] for t in setting.tasks}
-    key = content_key("references", REFERENCE_CACHE_VERSION, setting.zoo.fingerprints(), data, vars(protocol),
+    data = {t.name: [t.splits[s].identity() for s in ("train", "val", "test")] for t in setting.tasks}
+    key = content_key("references", REFERENCE_CACHE_VERSION, setting.zoo.fingerprints(), data, type(protocol).__name__, vars(protocol),
                       Path(evaluation.__file__).read_text())
     path = Path(cache_dir) / "references" / f"{key[:32]}.json"
     distributed.barrier()
@@ -164,10 +212,11 @@ def reference_metrics(setting: Setting, protocol: DecoderProtocol, cache_dir: Pa
     part = {}
     for task in tqdm(distributed.shard(setting.tasks), desc="reference metrics", leave=False):
         finetuned = setting.load_encoder(setting.zoo.finetuned[task.name])
-        head = setting.load_head(task.name)
+        own = evaluation.evaluate_task_splits(finetuned, task, splits, protocol)
+        frozen = (own if isinstance(protocol, evaluation.FrozenHeadProtocol)
+                  else {s: evaluation.evaluate_frozen(finetuned, task, setting.load_head(task.name), s, protocol) for s in splits})
         part[task.name] = {"base": evaluation.evaluate_task_splits(base, task, splits, protocol),
-                           "finetuned": evaluation.evaluate_task_splits(finetuned, task, splits, protocol),
-                           "finetuned_frozen": {s: evaluation.evaluate_frozen(finetuned, task, head, s, protocol) for s in splits}}
+                           "finetuned": own, "finetuned_frozen": frozen}
     gathered = distributed.gather_dict(part)
     result = {kind: {s: {t.name: gathered[t.name][kind][s] for t in setting.tasks} for s in splits}
               for kind in ("base", "finetuned", "finetuned_frozen")}
@@ -184,6 +233,13 @@ def _method_space(method_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     return fixed, dict(method_cfg.get("search") or {})
 
 
+def build_protocol(decoder_cfg: Mapping[str, Any], seed: int) -> evaluation.Protocol:
+    """`decoder=frozen_head` → the frozen heads as they are; any other decoder option → re-training."""
+    if decoder_cfg["name"] == "frozen_head":
+        return evaluation.FrozenHeadProtocol(feature_batch_size=decoder_cfg["batch_size"])
+    return DecoderProtocol(**{k: v for k, v in decoder_cfg.items() if k != "name"}, seed=seed)
+
+
 @dataclass
 class Pipeline:
     """What scoring and finalizing share: the loaded setting, the decoder protocol, the reference metrics,
@@ -191,7 +247,7 @@ class Pipeline:
 
     cfg: Mapping[str, Any]
     setting: Setting
-    protocol: DecoderProtocol
+    protocol: evaluation.Protocol
     refs: dict[str, Any]
     merger: CandidateMerger | LearnedMerger
     timer: StageTimer
@@ -200,7 +256,7 @@ class Pipeline:
 
 def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Pipeline:
     """Load the setting (zoo built or reused) and the cached reference metrics for `cfg`."""
-    protocol = DecoderProtocol(**{k: v for k, v in cfg["decoder"].items() if k != "name"}, seed=cfg["seed"])
+    protocol = build_protocol(cfg["decoder"], cfg["seed"])
     setting = load_setting(cfg, timer, distributed)
     with timer.stage("references"):
         refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]), distributed)
@@ -310,7 +366,7 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                                      tap_cfg["features"], setting.encoder_spec, Path(cfg["paths"]["cache_dir"]), tap_cfg["batch_size"])
             for t in setting.tasks
         }
-    run_key = content_key(setting.zoo.key, dict(tap_cfg), vars(protocol), method)
+    run_key = content_key(setting.zoo.key, dict(tap_cfg), type(protocol).__name__, vars(protocol), method)
     log = CandidateLog(run_dir / CANDIDATES)
     done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows()
             if r.get("run_key") == run_key and not r.get("error") and (r.get("eval") or not needs_eval)
@@ -329,7 +385,7 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                 with _timed(seconds, "merge"):
                     merged = merger(hparams)
                     student = setting.new_encoder(merged) if student is None else student
-                    student.load_state_dict(merged)
+                    student.load_state_dict(student.encoder_weights(merged))
                 with _timed(seconds, "tap"):
                     row["tap"] = compute_tap(student, unlabeled, teachers, tap_cfg["features"], tap_cfg["distance"], tap_cfg["batch_size"])
                 if not math.isfinite(row["tap"]["mean"]):

@@ -81,5 +81,5 @@ def test_unlabeled_images_are_seeded_subsets_of_train():
     assert torch.equal(first, again) and not torch.equal(first, other)
     train = task.splits["train"].images.flatten(1)
     assert all((train == img.flatten()).all(1).any() for img in first)
-    with pytest.raises(ValueError, match="tap.n_samples=51 exceeds its 50 training images"):
+    with pytest.raises(ValueError, match="51 unlabeled images asked for, it has 50 training images"):
         task.unlabeled_images(51, 0)

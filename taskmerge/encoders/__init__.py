@@ -2,6 +2,7 @@
 
 `kind="pooled"` gives `[B, D]` (the image embedding); `kind="tokens"` gives `[B, N, D]` patch tokens
 with CLS and register tokens already removed, so TAP and dense decoders never see prefix tokens.
+`encoder_weights(state_dict)` picks what the module loads from a checkpoint's (or a merge's) state dict.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol
 import torch
 from torch import nn
 
+from taskmerge.encoders.clip import ClipImageEncoder
 from taskmerge.encoders.vit import BuiltinViT
 
 FeatureKind = Literal["pooled", "tokens"]
@@ -25,8 +27,10 @@ class Encoder(Protocol):
 
     def features(self, images: torch.Tensor, kind: FeatureKind) -> torch.Tensor: ...
 
+    def encoder_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {"builtin_vit": BuiltinViT}
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {"builtin_vit": BuiltinViT, "clip": ClipImageEncoder}
 
 
 def available() -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -16,3 +18,15 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, kind: str, batch_
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def extract_split(encoder: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (float32, CPU) and targets of every (images, targets) batch, for splits read from disk."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    features, targets = [], []
+    for images, labels in batches:
+        features.append(encoder.features(images.to(device), kind).float().cpu())
+        targets.append(labels)
+    return torch.cat(features), torch.cat(targets)

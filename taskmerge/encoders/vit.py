@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -30,6 +32,10 @@ class BuiltinViT(VisionTransformer):
         )
         self.patch_size = patch_size
         self.grid_size = tuple(self.patch_embed.grid_size)
+
+    def encoder_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every key of the state dict: the built-in checkpoints hold nothing but the encoder."""
+        return dict(state_dict)
 
     def features(self, images: torch.Tensor, kind: str = "tokens") -> torch.Tensor:
         """Final-norm CLS embedding `[B, D]` (`pooled`) or patch tokens `[B, N, D]` (`tokens`)."""

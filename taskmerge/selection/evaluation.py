@@ -1,4 +1,5 @@
-"""Eval: re-train each task's decoder on a frozen encoder and measure its metric on a split.
+"""Eval: re-train each task's decoder on a frozen encoder and measure its metric on a split, or, where the
+setting ships frozen heads (CLIP), apply those heads as they are.
 
 The encoder is frozen, so its features are extracted once per split and the decoder is trained on
 those tensors: the same result as training through the frozen encoder, at a fraction of the cost.
@@ -15,7 +16,7 @@ from torch import nn
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.decoders.training import predict, train_module
-from taskmerge.encoders.extract import extract_features
+from taskmerge.encoders.extract import extract_split
 from taskmerge.tasks import Task
 from taskmerge.tasks.metrics import normalized
 
@@ -32,32 +33,48 @@ class DecoderProtocol:
     feature_batch_size: int = 256
 
 
-def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...], protocol: DecoderProtocol) -> dict[str, float]:
-    """Train `task`'s decoder once on the frozen encoder's train features; its metric on each of `splits`."""
+@dataclass(frozen=True)
+class FrozenHeadProtocol:
+    """Eval with every task's own frozen head (the CLIP benchmark's zero-shot-style heads): no training."""
+
+    feature_batch_size: int = 256
+
+
+Protocol = DecoderProtocol | FrozenHeadProtocol
+
+
+def _score(decoder: nn.Module, encoder: nn.Module, task: Task, split: str, batch_size: int) -> float:
+    """`task`'s metric on `split` of `decoder` applied to the frozen encoder's features."""
+    features, targets = extract_split(encoder, task.splits[split].batches(batch_size), decoder.feature_kind)
+    metric = task.metric_factory()
+    metric.update(predict(decoder, features), targets)
+    return metric.compute()
+
+
+def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...], protocol: Protocol) -> dict[str, float]:
+    """Train `task`'s decoder once on the frozen encoder's train features (or take its frozen head under
+    FrozenHeadProtocol); its metric on each of `splits`."""
+    if isinstance(protocol, FrozenHeadProtocol):
+        if task.head is None:
+            raise ValueError(f"task {task.name!r} has no frozen head; decoder=frozen_head needs a setting that ships heads (CLIP)")
+        return {split: _score(task.head, encoder, task, split, protocol.feature_batch_size) for split in splits}
     torch.manual_seed(protocol.seed)
     decoder = build_decoder(task.kind, encoder.embed_dim, task.num_outputs, encoder.patch_size, encoder.grid_size)
-    kind = decoder.feature_kind
-    train = task.splits["train"]
-    train_features = extract_features(encoder, train.images, kind, protocol.feature_batch_size)
+    train_features, train_targets = extract_split(encoder, task.splits["train"].batches(protocol.feature_batch_size),
+                                                  decoder.feature_kind)
     train_module(
-        decoder, train_features, train.targets, task.loss, protocol.epochs, protocol.lr, protocol.batch_size,
+        decoder, train_features, train_targets, task.loss, protocol.epochs, protocol.lr, protocol.batch_size,
         protocol.seed, protocol.weight_decay,
     )
-    scores = {}
-    for split in splits:
-        held_out = task.splits[split]
-        metric = task.metric_factory()
-        metric.update(predict(decoder, extract_features(encoder, held_out.images, kind, protocol.feature_batch_size)), held_out.targets)
-        scores[split] = metric.compute()
-    return scores
+    return {split: _score(decoder, encoder, task, split, protocol.feature_batch_size) for split in splits}
 
 
-def evaluate_task(encoder: nn.Module, task: Task, split: str, protocol: DecoderProtocol) -> float:
+def evaluate_task(encoder: nn.Module, task: Task, split: str, protocol: Protocol) -> float:
     """Train `task`'s decoder on the frozen encoder's train features and return its metric on `split`."""
     return evaluate_task_splits(encoder, task, (split,), protocol)[split]
 
 
-def evaluate_encoder(encoder: nn.Module, tasks: list[Task], split: str, protocol: DecoderProtocol,
+def evaluate_encoder(encoder: nn.Module, tasks: list[Task], split: str, protocol: Protocol,
                      distributed: Distributed = Distributed()) -> dict[str, float]:
     """Metric per task on `split` with freshly trained decoders; with several processes each rank trains its
     share of the tasks' decoders and every rank gets all metrics."""
@@ -72,11 +89,7 @@ def normalize_scores(metrics: Mapping[str, float], finetuned: Mapping[str, float
     return {**per_task, "normalized": sum(per_task.values()) / len(per_task)}
 
 
-def evaluate_frozen(encoder: nn.Module, task: Task, head: nn.Module, split: str, protocol: DecoderProtocol) -> float:
+def evaluate_frozen(encoder: nn.Module, task: Task, head: nn.Module, split: str, protocol: Protocol) -> float:
     """The metric on `split` of a decoder kept frozen (the fine-tuned model's own head) on top of `encoder`:
     the paper's Appendix E baseline, no re-training."""
-    held_out = task.splits[split]
-    outputs = predict(head, extract_features(encoder, held_out.images, head.feature_kind, protocol.feature_batch_size))
-    metric = task.metric_factory()
-    metric.update(outputs, held_out.targets)
-    return metric.compute()
+    return _score(head, encoder, task, split, protocol.feature_batch_size)

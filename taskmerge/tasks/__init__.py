@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from taskmerge.tasks import builtin_data
 from taskmerge.tasks.metrics import RMSE, Accuracy, MeanIoU, Metric
@@ -25,16 +27,57 @@ class Split:
     def __len__(self) -> int:
         return len(self.images)
 
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images at `indices`, stacked."""
+        return self.images[indices]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, targets) in order, `batch_size` at a time."""
+        for start in range(0, len(self), batch_size):
+            yield self.images[start : start + batch_size], self.targets[start : start + batch_size]
+
+    def identity(self) -> list[torch.Tensor]:
+        """What a cache key must hash to tell this split's data apart: its bytes."""
+        return [self.images, self.targets]
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """A split read lazily from disk through a `Dataset` of (image tensor, label) items."""
+
+    dataset: Dataset
+    description: dict[str, Any]
+    num_workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images at `indices`, read and stacked."""
+        return torch.stack([self.dataset[int(i)][0] for i in indices])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, targets) in order through a DataLoader with `num_workers` reader processes."""
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        for images, targets in loader:
+            yield images, torch.as_tensor(targets)
+
+    def identity(self) -> dict[str, Any]:
+        """What a cache key hashes for on-disk data: dataset, split, location, size and preprocessing."""
+        return {**self.description, "len": len(self)}
+
 
 @dataclass
 class Task:
-    """One downstream task; `kind` picks the decoder (classification, segmentation or depth)."""
+    """One downstream task; `kind` picks the decoder (classification, segmentation or depth); `head` is the
+    frozen head of settings that ship one (CLIP), evaluated without re-training."""
 
     name: str
     kind: str
     num_outputs: int
-    splits: dict[str, Split]
+    splits: dict[str, Split | DatasetSplit]
     metric_factory: Callable[[], Metric] = field(repr=False)
+    head: nn.Module | None = field(default=None, repr=False)
 
     @property
     def higher_is_better(self) -> bool:
@@ -52,11 +95,11 @@ class Task:
 
     def unlabeled_images(self, n: int, seed: int) -> torch.Tensor:
         """`n` training images drawn without replacement with `seed` (TAP's unlabeled set)."""
-        train = self.splits["train"].images
+        train = self.splits["train"]
         if n > len(train):
-            raise ValueError(f"task {self.name!r}: tap.n_samples={n} exceeds its {len(train)} training images")
+            raise ValueError(f"task {self.name!r}: {n} unlabeled images asked for, it has {len(train)} training images")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        return train[order[:n].sort().values]
+        return train.take(order[:n].sort().values)
 
 
 _BUILTIN = {

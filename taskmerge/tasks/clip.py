@@ -1,0 +1,74 @@
+"""Tasks of the CLIP benchmark: a dataset of the task_vectors layout read from disk, with its frozen head.
+
+Splits follow the TSV protocol (`clip_datasets`): `train` (train minus the held-out part, where TAP's
+unlabeled images come from), `val` (`{D}Val`, used for selection) and `test`. `max_eval_images` caps val
+and test with a seeded random subset, for quick looks; leave it null for the paper's protocol.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from taskmerge import checkpoints
+from taskmerge.cache import content_key
+from taskmerge.encoders.clip import ClipClassificationHead, zeroshot_weights
+from taskmerge.tasks import SPLITS, DatasetSplit, Task
+from taskmerge.tasks import clip_datasets
+from taskmerge.tasks.clip_templates import TEMPLATES
+from taskmerge.tasks.metrics import Accuracy
+
+ZEROSHOT_CACHE_VERSION = 1
+
+
+def _capped(dataset: torch.utils.data.Dataset, cap: int | None, seed: int) -> torch.utils.data.Dataset:
+    if cap is None or len(dataset) <= cap:  # type: ignore[arg-type]
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    return Subset(dataset, order[:cap].sort().values.tolist())
+
+
+def build_clip_task(name: str, root: str | Path, transform: Callable, head: nn.Module, max_eval_images: int | None = None,
+                    num_workers: int = 0, seed: int = 0) -> Task:
+    """Dataset `name` under `root` with the release's splits and preprocessing, evaluated by `head` (frozen)."""
+    num_classes = len(clip_datasets.classnames(name, root))
+    if head.weight.shape[0] != num_classes:
+        raise ValueError(f"{name}: the head has {head.weight.shape[0]} classes, the dataset under {root} has {num_classes}")
+    splits = {}
+    for split in SPLITS:
+        dataset = clip_datasets.load_split(name, split, root, transform)
+        cap = None if split == "train" else max_eval_images
+        description = {"dataset": name, "split": split, "root": str(Path(root).resolve()), "transform": repr(transform),
+                       "cap": cap, "seed": seed}
+        splits[split] = DatasetSplit(_capped(dataset, cap, seed), description, num_workers)
+    return Task(name=name, kind="classification", num_outputs=num_classes, splits=splits, metric_factory=Accuracy, head=head)
+
+
+def load_head(path: str | Path) -> ClipClassificationHead:
+    """A frozen head from a converted (safetensors) or release head file."""
+    return ClipClassificationHead.from_state_dict(checkpoints.load_state_dict(path), str(path))
+
+
+def zeroshot_heads(clip: nn.Module, tokenizer: Callable, names: Sequence[str], root: str | Path, cache_dir: str | Path,
+                   weights_id: str) -> dict[str, Path]:
+    """Zero-shot heads built from the text tower of `clip` (weights identified by `weights_id`) with each
+    dataset's class names and templates; cached as safetensors keyed by weights, names and templates."""
+    paths = {}
+    for name in names:
+        classnames = clip_datasets.classnames(name, root)
+        key = content_key("zeroshot", ZEROSHOT_CACHE_VERSION, weights_id, name, classnames, list(TEMPLATES[name]))
+        path = Path(cache_dir) / "heads" / f"{key[:32]}.safetensors"
+        if not path.is_file():
+            weight = zeroshot_weights(clip, tokenizer, classnames, TEMPLATES[name])
+            checkpoints.save_state_dict(path, {"weight": weight, "bias": torch.zeros(len(weight))})
+        paths[name] = path
+    return paths
+
+
+def heads_by_task(paths: Mapping[str, Path]) -> dict[str, ClipClassificationHead]:
+    """Load every head of a zoo."""
+    return {name: load_head(path) for name, path in paths.items()}

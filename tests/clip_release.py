@@ -1,0 +1,120 @@
+"""Random-init CLIP checkpoints saved exactly as the releases save them (checkpoints.md §1), for the tests.
+
+Format A pickles a whole `src.modeling.ImageEncoder` whose CLIP uses open_clip 2.0.2 class paths
+(`open_clip.model.VisualTransformer`, …): the real open_clip 3.x classes are given those old names only
+while saving, so the files name classes that no longer exist. Format B is a plain state dict. Heads are
+pickled `ClassificationHead(torch.nn.Linear)` objects with a `normalize` attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import sys
+import types
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+OLD_NAMES = {"VisionTransformer": "VisualTransformer"}
+
+
+class ImageEncoder(nn.Module):
+    """Stand-in for the releases' `src.modeling.ImageEncoder`: a CLIP without its text transformer."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.model = clip
+        self.train_preprocess = self.val_preprocess = None
+        self.cache_dir = None
+
+
+class ClassificationHead(nn.Linear):
+    """Stand-in for the releases' `ClassificationHead`."""
+
+    def __init__(self, normalize: bool, weights: torch.Tensor) -> None:
+        out_features, in_features = weights.shape
+        super().__init__(in_features, out_features)
+        self.normalize = normalize
+        self.weight = nn.Parameter(weights.clone())
+        self.bias = nn.Parameter(torch.zeros_like(self.bias))
+
+
+def random_clip(model: str, seed: int) -> nn.Module:
+    """A random-init open_clip CLIP with QuickGELU, text transformer deleted as ImageEncoder does."""
+    torch.manual_seed(seed)
+    logging.disable(logging.WARNING)
+    try:
+        clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=True, load_weights=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    del clip.transformer
+    return clip
+
+
+@contextlib.contextmanager
+def old_class_paths(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Give open_clip classes their 2.0.2 paths (`open_clip.model.<Old>`) and expose the stand-ins at
+    `src.modeling` / `src.models.modeling`, only while saving."""
+    classes = {type(m) for root in modules for m in root.modules() if type(m).__module__.startswith("open_clip")}
+    renamed = {cls: ("open_clip.model", OLD_NAMES.get(cls.__name__, cls.__name__)) for cls in classes}
+    renamed |= {ImageEncoder: ("src.modeling", "ImageEncoder"), ClassificationHead: ("src.models.modeling", "ClassificationHead")}
+    original = {cls: (cls.__module__, cls.__qualname__) for cls in renamed}
+    with pytest.MonkeyPatch.context() as patch:
+        for cls, (module_name, name) in renamed.items():
+            parts = module_name.split(".")
+            for parent in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+                if parent not in sys.modules:
+                    patch.setitem(sys.modules, parent, types.ModuleType(parent))
+            patch.setattr(sys.modules[module_name], name, cls, raising=False)
+            cls.__module__, cls.__qualname__ = module_name, name
+        try:
+            yield
+        finally:
+            for cls, (module_name, name) in original.items():
+                cls.__module__, cls.__qualname__ = module_name, name
+
+
+def finetune_like(base: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
+    """A copy of `base` whose image-tower weights moved as fine-tuning moves them (text leftovers untouched)."""
+    clip = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in clip.visual.parameters():
+            param.add_(scale * param.abs().mean() * torch.randn(param.shape, generator=generator))
+    return clip
+
+
+def release_state_dict(clip: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict an `ImageEncoder` wrapping `clip` has (`model.` prefix)."""
+    return ImageEncoder(clip).state_dict()
+
+
+def save_release(root: Path, model: str, names: Sequence[str], fmt: str, num_classes: dict[str, int], seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Write a random-init release of `model` for datasets `names` in format A or B under `root`; returns the
+    saved state dicts (`base`, each name) in release key names for comparisons."""
+    folder = Path(root) / model
+    base = random_clip(model, seed)
+    encoders = {"base": base, **{n: finetune_like(base, seed + 1 + i) for i, n in enumerate(names)}}
+    generator = torch.Generator().manual_seed(seed)
+    heads = {n: ClassificationHead(True, 100 * nn.functional.normalize(torch.randn(c, base.visual.output_dim, generator=generator), dim=-1))
+             for n, c in num_classes.items()}
+    if fmt == "A":
+        paths = {"base": folder / "zeroshot.pt", **{n: folder / n / "finetuned.pt" for n in names}}
+        head_paths = {n: folder / f"head_{n}.pt" for n in names}
+    else:
+        paths = {"base": folder / "MNISTVal" / "nonlinear_zeroshot.pt", **{n: folder / f"{n}Val" / "nonlinear_finetuned.pt" for n in names}}
+        head_paths = {n: folder / f"head_{n}Val.pt" for n in names}
+    with old_class_paths(list(encoders.values())):
+        for key, path in paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            encoder = ImageEncoder(encoders[key])
+            torch.save(encoder if fmt == "A" else encoder.state_dict(), path)
+        for name, path in head_paths.items():
+            torch.save(heads[name], path)
+    return {key: release_state_dict(clip) for key, clip in encoders.items()} | {f"head/{n}": h.state_dict() for n, h in heads.items()}

@@ -33,8 +33,19 @@ def test_default_config_is_the_builtin_ta_tap_run():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_group_option_composes(group, option):
-    cfg = _compose([f"{group}={option}"])
+    setting = ["tasks=clip8"] if option.startswith("clip_") else []  # CLIP encoders go with CLIP tasks
+    cfg = _compose([*setting, f"{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_clip_tasks_default_to_vit_b32_and_frozen_heads():
+    cfg = _compose(["tasks=clip20", "paths.data=/data", "paths.checkpoints=/ckpt"])
+    assert cfg.encoder.model == "ViT-B-32" and cfg.decoder.name == "frozen_head"
+    assert cfg.tasks.names[:3] == ["Cars", "DTD", "EuroSAT"] and len(cfg.tasks.names) == 20
+    assert cfg.tasks.data_location == "/data" and cfg.tasks.checkpoints == "/ckpt"
+    assert _compose(["tasks=clip14", "encoder=clip_vit_l14"]).encoder.model == "ViT-L-14"
+    with pytest.raises(ConfigCompositionException, match="tasks.format=C"):
+        _compose(["tasks=clip8", "tasks.format=C"])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -4,55 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 import torchvision.transforms as T
-from PIL import Image
 from torch.utils.data import random_split
 
+from clip_data import seeded_rng, write_cars, write_folder_split, write_idx, write_image, write_mnist_like
 from taskmerge.tasks import clip_datasets as cd
 from taskmerge.tasks.clip_templates import TEMPLATES
 
 TINY = T.Compose([T.Resize((16, 16)), T.ToTensor()])
-
-
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def _write_image(path: Path, size: int = 12, seed: int = 0) -> None:
-    """A random RGB image in the format its suffix names (png, jpg or ppm)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-
-
-def _write_folder_split(folder: Path, classes: list[str], per_class: int, ext: str = "jpg") -> None:
-    """An ImageFolder split: `per_class` images in one folder per class."""
-    for c in classes:
-        for i in range(per_class):
-            _write_image(folder / c / f"{c}_{i}.{ext}", seed=i)
-
-
-def _write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """MNIST-style raw idx files (big-endian header, then uint8 data), as torchvision reads them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    n, h, w = images.shape
-    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, h, w) + images.tobytes())
-    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n) + labels.tobytes())
-
-
-def _write_mnist_like(folder: Path, prefixes: tuple[str, str], n_train: int = 20, n_test: int = 5) -> np.ndarray:
-    """Train and test idx files of 28×28 digits; returns the train labels."""
-    rng = _rng()
-    labels = {p: rng.integers(0, 10, n, dtype=np.uint8) for p, n in zip(prefixes, (n_train, n_test))}
-    for p, n in zip(prefixes, (n_train, n_test)):
-        _write_idx(folder, p, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), labels[p])
-    return labels[prefixes[0]]
 
 
 def _check_item(item: tuple, num_classes: int) -> None:
@@ -90,8 +53,8 @@ def test_train_val_indices_refuse_an_empty_part():
     ],
 )
 def test_image_folder_datasets_test_on_val_folder_and_hold_out_train(tmp_path, name, folder, classes, expected_names):
-    _write_folder_split(tmp_path / folder / "train", classes, per_class=6)
-    _write_folder_split(tmp_path / folder / "val", classes, per_class=2)
+    write_folder_split(tmp_path / folder / "train", classes, per_class=6)
+    write_folder_split(tmp_path / folder / "val", classes, per_class=2)
     sizes = {split: len(cd.load_split(name, split, tmp_path, TINY)) for split in cd.SPLITS}
     assert sizes == {"train": 11, "val": 1, "test": 4}  # val = int(12 * 0.1); test = the val/ folder
     test = cd.load_split(name, "test", tmp_path, TINY)
@@ -104,7 +67,7 @@ def test_image_folder_datasets_test_on_val_folder_and_hold_out_train(tmp_path, n
 def test_eurosat_val_and_test_are_their_own_folders(tmp_path):
     classes = ["AnnualCrop", "SeaLake"]
     for split, per_class in (("train", 3), ("val", 2), ("test", 1)):
-        _write_folder_split(tmp_path / "EuroSAT_splits" / split, classes, per_class)
+        write_folder_split(tmp_path / "EuroSAT_splits" / split, classes, per_class)
     sizes = {split: len(cd.load_split("EuroSAT", split, tmp_path, TINY)) for split in cd.SPLITS}
     assert sizes == {"train": 6, "val": 4, "test": 2}
     _check_item(cd.load_split("EuroSAT", "val", tmp_path, TINY)[3], 2)
@@ -113,7 +76,7 @@ def test_eurosat_val_and_test_are_their_own_folders(tmp_path):
 
 def test_resisc45_keeps_the_listed_files_of_each_split(tmp_path):
     base = tmp_path / "resisc45"
-    _write_folder_split(base / "NWPU-RESISC45", ["airplane", "airport"], per_class=8)
+    write_folder_split(base / "NWPU-RESISC45", ["airplane", "airport"], per_class=8)
     listed = {c: sorted(p.name for p in (base / "NWPU-RESISC45" / c).iterdir()) for c in ("airplane", "airport")}
     airplane, airport = listed["airplane"], listed["airport"]
     (base / "resisc45-train.txt").write_text("\n".join(airplane[:6] + airport[:6]) + "\n")
@@ -134,7 +97,7 @@ def test_resisc45_keeps_the_listed_files_of_each_split(tmp_path):
     [("MNIST", "MNIST/raw"), ("FashionMNIST", "FashionMNIST/FashionMNIST/raw"), ("KMNIST", "KMNIST/KMNIST/raw")],
 )
 def test_mnist_family_reads_idx_files_as_rgb(tmp_path, name, raw):
-    train_labels = _write_mnist_like(tmp_path / raw, ("train", "t10k"))
+    train_labels = write_mnist_like(tmp_path / raw, ("train", "t10k"))
     sizes = {split: len(cd.load_split(name, split, tmp_path, TINY)) for split in cd.SPLITS}
     assert sizes == {"train": 18, "val": 2, "test": 5}
     val = cd.load_split(name, "val", tmp_path, TINY)
@@ -153,7 +116,7 @@ def test_emnist_digits_are_turned_upright_after_the_transform(tmp_path):
     stored = np.stack([upright.T] * 12)  # EMNIST stores glyphs transposed
     raw = tmp_path / "EMNIST" / "raw"
     for prefix, n in (("emnist-digits-train", 12), ("emnist-digits-test", 3)):
-        _write_idx(raw, prefix, stored[:n], np.arange(n, dtype=np.uint8) % 10)
+        write_idx(raw, prefix, stored[:n], np.arange(n, dtype=np.uint8) % 10)
     image, label = cd.load_split("EMNIST", "test", tmp_path, T.ToTensor())[2]
     expected = torch.from_numpy(upright / 255.0).float().expand(3, 28, 28)
     assert label == 2 and torch.equal(image, expected)
@@ -164,28 +127,8 @@ def test_emnist_digits_are_turned_upright_after_the_transform(tmp_path):
     assert cd.classnames("EMNIST", tmp_path) == [str(d) for d in range(10)]
 
 
-def _cars_annotations(fnames: list[str], classes: list[int]) -> np.ndarray:
-    """The devkit's `annotations` struct array (1-based classes), as scipy writes a MATLAB struct."""
-    fields = [(f, object) for f in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")]
-    rows = [(0, 0, 11, 11, np.uint8(c), f) for f, c in zip(fnames, classes)]
-    return np.array(rows, dtype=fields)
-
-
 def test_cars_reads_the_devkit(tmp_path):
-    base = tmp_path / "stanford_cars"
-    train_names = [f"{i:05d}.jpg" for i in range(1, 11)]
-    test_names = [f"{i:05d}.jpg" for i in range(1, 4)]
-    for name in train_names:
-        _write_image(base / "cars_train" / name)
-    for name in test_names:
-        _write_image(base / "cars_test" / name, size=20)
-    (base / "devkit").mkdir()
-    class_names = np.array(["AM General Hummer SUV 2000", "Acura_RL Sedan 2012"], dtype=object)
-    scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": class_names[None]})
-    scipy.io.savemat(base / "devkit" / "cars_train_annos.mat",
-                     {"annotations": _cars_annotations(train_names, [1, 2] * 5)[None]})
-    scipy.io.savemat(base / "cars_test_annos_withlabels.mat",
-                     {"annotations": _cars_annotations(test_names, [2, 1, 2])[None]})
+    write_cars(tmp_path, ["AM General Hummer SUV 2000", "Acura_RL Sedan 2012"], [1, 2] * 5, [2, 1, 2])
     sizes = {split: len(cd.load_split("Cars", split, tmp_path, TINY)) for split in cd.SPLITS}
     assert sizes == {"train": 9, "val": 1, "test": 3}
     test = cd.load_split("Cars", "test", tmp_path, TINY)
@@ -198,10 +141,10 @@ def test_gtsrb_reads_training_folders_and_the_test_csv(tmp_path):
     base = tmp_path / "gtsrb"
     for c in ("00000", "00001"):
         for i in range(5):
-            _write_image(base / "GTSRB" / "Training" / c / f"00000_{i:05d}.ppm", seed=i)
+            write_image(base / "GTSRB" / "Training" / c / f"00000_{i:05d}.ppm", seed=i)
     rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
     for i, c in enumerate((1, 0, 1)):
-        _write_image(base / "GTSRB" / "Final_Test" / "Images" / f"{i:05d}.ppm", seed=i)
+        write_image(base / "GTSRB" / "Final_Test" / "Images" / f"{i:05d}.ppm", seed=i)
         rows.append(f"{i:05d}.ppm;12;12;1;1;10;10;{c}")
     (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
     sizes = {split: len(cd.load_split("GTSRB", split, tmp_path, TINY)) for split in cd.SPLITS}
@@ -217,7 +160,7 @@ def test_cifar10_reads_pickled_batches(tmp_path, monkeypatch):
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
     base = tmp_path / "cifar-10-batches-py"
     base.mkdir()
-    rng = _rng()
+    rng = seeded_rng()
     for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 3)]:
         batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
         (base / name).write_bytes(pickle.dumps(batch))
@@ -253,8 +196,8 @@ def test_check_layout_lists_every_missing_dataset_at_once(tmp_path):
 
 
 def test_check_layout_names_the_missing_part_of_a_partial_dataset(tmp_path):
-    _write_folder_split(tmp_path / "dtd" / "train", ["banded"], per_class=1)
-    _write_folder_split(tmp_path / "EuroSAT_splits" / "train", ["Forest"], per_class=1)
+    write_folder_split(tmp_path / "dtd" / "train", ["banded"], per_class=1)
+    write_folder_split(tmp_path / "EuroSAT_splits" / "train", ["Forest"], per_class=1)
     cd.check_layout([], tmp_path)  # nothing named, nothing to miss
     with pytest.raises(FileNotFoundError) as error:
         cd.check_layout(["DTD", "EuroSAT"], tmp_path)
@@ -263,7 +206,7 @@ def test_check_layout_names_the_missing_part_of_a_partial_dataset(tmp_path):
     assert "- EuroSAT: missing EuroSAT_splits/val/, EuroSAT_splits/test/\n" in message
     with pytest.raises(FileNotFoundError, match="dtd/val/"):
         cd.load_split("DTD", "train", tmp_path, TINY)
-    _write_folder_split(tmp_path / "dtd" / "val", ["banded"], per_class=1)
+    write_folder_split(tmp_path / "dtd" / "val", ["banded"], per_class=1)
     with pytest.raises(ValueError, match="DTD under .*1 train images"):  # too few to hold out a val part
         cd.load_split("DTD", "val", tmp_path, TINY)
 

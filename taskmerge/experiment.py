@@ -162,7 +162,7 @@ def _clip_zoo(cfg: Mapping[str, Any]) -> Zoo:
         heads = clip_tasks.zeroshot_heads(clip, tokenizer, names, root, cache_dir,
                                           checkpoints.fingerprint(tasks_cfg["zeroshot_weights"]))
     checkpoint_root = _required_path(tasks_cfg, "checkpoints", "TASKMERGE_CHECKPOINTS_DIR")
-    return release_zoo.get_release_zoo(checkpoint_root, model, names, str(tasks_cfg["format"]), cache_dir, heads)
+    return release_zoo.get_release_zoo(checkpoint_root, model, names, tasks_cfg["format"], cache_dir, heads)
 
 
 def _clip_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
@@ -322,8 +322,11 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     pipeline.distributed.barrier()
     if (out / "merged.safetensors").is_file() and (out / "key.txt").is_file() and (out / "key.txt").read_text() == key:
         return LearnedMerger(ADAMERGING, hparams, checkpoints.load_state_dict(out / "merged.safetensors"))
-    pretrained = checkpoints.load_state_dict(setting.zoo.base)
-    finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[n]) for n in names]
+    base = checkpoints.load_state_dict(setting.zoo.base)
+    encoder = setting.new_encoder(base)
+    # λ is learned over the encoder's own weights (a release's text leftovers have no module to call)
+    pretrained = encoder.encoder_weights(base)
+    finetuned = [encoder.encoder_weights(checkpoints.load_state_dict(setting.zoo.finetuned[n])) for n in names]
     images = [t.unlabeled_images(min(method_cfg["n_images"], len(t.splits["train"])), cfg["seed"]) for t in setting.tasks]
     teachers, heads = None, None
     if config.loss == "tap":
@@ -332,7 +335,7 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     else:
         heads = adamerging.frozen_heads_or_error(names, [t.kind for t in setting.tasks], setting.load_head)
     with timer.stage("adamerging"):
-        result = adamerging.learn(setting.new_encoder(pretrained), pretrained, finetuned, images, config, teachers, heads,
+        result = adamerging.learn(encoder, pretrained, finetuned, images, config, teachers, heads,
                                   pipeline.distributed)
     if not pipeline.distributed.is_main:
         return LearnedMerger(ADAMERGING, hparams, result.merged)
@@ -454,6 +457,8 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
         "final": {**test, "normalized": normalized["normalized"]},
         "final_normalized_per_task": {t.name: normalized[t.name] for t in setting.tasks},
         "normalization": "merged/fine-tuned for higher-is-better metrics, fine-tuned/merged for lower-is-better ones",
+        "evaluation": ("the frozen heads of the release" if isinstance(protocol, evaluation.FrozenHeadProtocol)
+                       else "decoders re-trained on each frozen encoder"),
         "failed_candidates": [{"hparams": r["hparams"], "error": r["error"]} for r in rows if r.get("error")],
     }
     if selector in ("both", "frozen_decoder"):

@@ -58,7 +58,7 @@ def candidate_table(tasks: Sequence[Task], rows: Sequence[Mapping[str, Any]]) ->
 def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any]) -> None:
     """Print the final table, the selected hyperparameters and the time spent per stage."""
     console = Console()
-    table = Table(title=f"{selection['method']} selected by {selection['selector']}: test metrics (decoders re-trained)")
+    table = Table(title=f"{selection['method']} selected by {selection['selector']}: test metrics ({selection['evaluation']})")
     for name in SUMMARY_HEADER:
         table.add_column(name, justify="left" if name in ("task", "metric") else "right")
     for row in summary_rows(tasks, selection, refs):
@@ -82,7 +82,7 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
         f"# taskmerge report: {selection['method']} on {cfg['tasks']['name']} ({cfg['encoder']['name']})",
         f"Selector: **{selection['selector']}**. Selected: `{json.dumps(selection['selected'])}`.",
         f"TAP: distance `{cfg['tap']['distance']}`, features `{cfg['tap']['features']}`, {cfg['tap']['n_samples']} unlabeled images per task.",
-        "## Test metrics (decoders re-trained on each frozen encoder)",
+        f"## Test metrics ({selection['evaluation']})",
         _markdown_table(SUMMARY_HEADER, summary_rows(tasks, selection, refs)),
         f"Normalized performance: {selection['normalization']}.",
         "## Candidates",

@@ -14,17 +14,25 @@ def seeded_rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def write_image(path: Path, size: int = 12, seed: int = 0) -> None:
-    """A random RGB image in the format its suffix names (png, jpg or ppm)."""
+def class_colour(label: int) -> np.ndarray:
+    """A distinct RGB colour per class, so that images of one class look alike (heads can be fitted)."""
+    return np.array([(97 * label + 40) % 256, (57 * label + 200) % 256, (151 * label + 90) % 256], dtype=np.float64)
+
+
+def write_image(path: Path, size: int = 12, seed: int = 0, label: int | None = None) -> None:
+    """A random RGB image in the format its suffix names (png, jpg or ppm); with `label`, mostly its class colour."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(seeded_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    pixels = seeded_rng(seed).integers(0, 256, (size, size, 3)).astype(np.float64)
+    if label is not None:
+        pixels = 0.8 * class_colour(label) + 0.2 * pixels
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
 
 
 def write_folder_split(folder: Path, classes: list[str], per_class: int, ext: str = "jpg") -> None:
-    """An ImageFolder split: `per_class` images in one folder per class."""
-    for c in classes:
+    """An ImageFolder split: `per_class` images in one folder per class, tinted by class."""
+    for label, c in enumerate(sorted(classes)):
         for i in range(per_class):
-            write_image(folder / c / f"{c}_{i}.{ext}", seed=i)
+            write_image(folder / c / f"{c}_{i}.{ext}", seed=i, label=label)
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -40,7 +48,8 @@ def write_mnist_like(folder: Path, prefixes: tuple[str, str], n_train: int = 20,
     rng = seeded_rng()
     labels = {p: rng.integers(0, 10, n, dtype=np.uint8) for p, n in zip(prefixes, (n_train, n_test))}
     for p, n in zip(prefixes, (n_train, n_test)):
-        write_idx(folder, p, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), labels[p])
+        noise = rng.integers(0, 256, (n, 28, 28))
+        write_idx(folder, p, (0.2 * noise + 20.0 * labels[p][:, None, None]).astype(np.uint8), labels[p])
     return labels[prefixes[0]]
 
 
@@ -56,10 +65,10 @@ def write_cars(root: Path, class_names: list[str], train_classes: list[int], tes
     base = root / "stanford_cars"
     train_names = [f"{i:05d}.jpg" for i in range(1, len(train_classes) + 1)]
     test_names = [f"{i:05d}.jpg" for i in range(1, len(test_classes) + 1)]
-    for i, name in enumerate(train_names):
-        write_image(base / "cars_train" / name, seed=i)
-    for i, name in enumerate(test_names):
-        write_image(base / "cars_test" / name, size=20, seed=100 + i)
+    for i, (name, label) in enumerate(zip(train_names, train_classes)):
+        write_image(base / "cars_train" / name, seed=i, label=label - 1)
+    for i, (name, label) in enumerate(zip(test_names, test_classes)):
+        write_image(base / "cars_test" / name, size=20, seed=100 + i, label=label - 1)
     (base / "devkit").mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(class_names, dtype=object)[None]})
     scipy.io.savemat(base / "devkit" / "cars_train_annos.mat", {"annotations": cars_annotations(train_names, train_classes)[None]})

@@ -14,7 +14,7 @@ import logging
 import sys
 import types
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import open_clip
 import pytest
@@ -95,14 +95,17 @@ def release_state_dict(clip: nn.Module) -> dict[str, torch.Tensor]:
     return ImageEncoder(clip).state_dict()
 
 
-def save_release(root: Path, model: str, names: Sequence[str], fmt: str, num_classes: dict[str, int], seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def save_release(root: Path, model: str, names: Sequence[str], fmt: str, num_classes: dict[str, int], seed: int = 0,
+                 fit_head: Callable[[str, nn.Module], torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Write a random-init release of `model` for datasets `names` in format A or B under `root`; returns the
-    saved state dicts (`base`, each name) in release key names for comparisons."""
+    saved state dicts (`base`, each name, `head/<name>`) in release key names for comparisons. Heads are random
+    unit rows × 100, or `fit_head(name, finetuned_clip)` (e.g. class centroids, so accuracies are not zero)."""
     folder = Path(root) / model
     base = random_clip(model, seed)
     encoders = {"base": base, **{n: finetune_like(base, seed + 1 + i) for i, n in enumerate(names)}}
     generator = torch.Generator().manual_seed(seed)
-    heads = {n: ClassificationHead(True, 100 * nn.functional.normalize(torch.randn(c, base.visual.output_dim, generator=generator), dim=-1))
+    heads = {n: ClassificationHead(True, fit_head(n, encoders[n]) if fit_head else
+                                   100 * nn.functional.normalize(torch.randn(c, base.visual.output_dim, generator=generator), dim=-1))
              for n, c in num_classes.items()}
     if fmt == "A":
         paths = {"base": folder / "zeroshot.pt", **{n: folder / n / "finetuned.pt" for n in names}}

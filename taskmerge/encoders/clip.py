@@ -9,7 +9,9 @@ them when the encoder is built. OpenAI CLIP uses QuickGELU, so `quick_gelu` defa
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import contextlib
+import logging
+from typing import Iterator, Mapping, Sequence
 
 import open_clip
 import torch
@@ -23,6 +25,22 @@ TEXT_LEFTOVERS = frozenset(
 )
 OPENAI_MEAN = open_clip.OPENAI_DATASET_MEAN
 OPENAI_STD = open_clip.OPENAI_DATASET_STD
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Mute open_clip's "initialized randomly" warning: the weights are loaded right after, on purpose."""
+    warning = _DropRandomInitWarning()
+    logging.getLogger().addFilter(warning)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(warning)
 
 
 def to_open_clip_keys(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -52,7 +70,8 @@ class ClipImageEncoder(nn.Module):
     def __init__(self, model: str = "ViT-B-32", quick_gelu: bool = True) -> None:
         super().__init__()
         image_size(model)
-        self.visual = open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu, load_weights=False).visual
+        with _quiet_random_init():
+            self.visual = open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu, load_weights=False).visual
         self.visual.output_tokens = True
         self.embed_dim = self.visual.output_dim
         self.patch_size = self.visual.patch_size[0]

@@ -49,7 +49,7 @@ def main(overrides: list[str]) -> None:
     print("| candidate | TAP s | Eval s | Eval / TAP | TAP / floor |\n|---|---|---|---|---|")
     totals = [0.0, 0.0]
     for hparams in candidates:
-        student.load_state_dict(pipeline.merger(hparams))
+        student.load_state_dict(student.encoder_weights(pipeline.merger(hparams)))
         start = time.perf_counter()
         compute_tap(student, unlabeled, teachers, tap_cfg["features"], tap_cfg["distance"], tap_cfg["batch_size"])
         tap = time.perf_counter() - start

@@ -150,7 +150,7 @@ def _required_path(tasks_cfg: Mapping[str, Any], key: str, env: str) -> Path:
     return Path(value)
 
 
-def _clip_zoo(cfg: Mapping[str, Any]) -> Zoo:
+def load_clip_zoo(cfg: Mapping[str, Any]) -> Zoo:
     """The release zoo of the configured CLIP tasks, with the release's heads or zero-shot heads."""
     tasks_cfg, model, cache_dir = cfg["tasks"], cfg["encoder"]["model"], cfg["paths"]["cache_dir"]
     names, root = list(tasks_cfg["names"]), _required_path(tasks_cfg, "data_location", "TASKMERGE_DATA_DIR")
@@ -187,7 +187,7 @@ def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distrib
         if not distributed.is_main:
             distributed.barrier()
         if clip:
-            zoo = _clip_zoo(cfg)
+            zoo = load_clip_zoo(cfg)
         else:
             zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], tasks, cfg["seed"], cfg["paths"]["cache_dir"])
         if distributed.is_main:

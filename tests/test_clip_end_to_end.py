@@ -4,6 +4,7 @@ in the real layouts (Cars' devkit, DTD's ImageFolders, MNIST's idx files); `task
 import json
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -13,10 +14,11 @@ from clip_release import save_release
 from taskmerge import checkpoints
 from taskmerge.config import register_configs
 from taskmerge.encoders import create_encoder
-from taskmerge.encoders.clip import ClipClassificationHead, preprocess
-from taskmerge.experiment import run_experiment
+from taskmerge.encoders.clip import ClipClassificationHead, preprocess, zeroshot_weights
+from taskmerge.experiment import load_clip_zoo, run_experiment
 from taskmerge.run import to_plain
 from taskmerge.tasks import clip_datasets
+from taskmerge.tasks.clip_templates import TEMPLATES
 
 NAMES = ["Cars", "DTD", "MNIST"]
 CLASSES = {"Cars": 2, "DTD": 3, "MNIST": 10}
@@ -113,3 +115,21 @@ def test_missing_datasets_and_paths_are_reported(clip_setup, tmp_path):
     cfg = _config(data, releases["B"][0], tmp_path / "cache", "B", "paths.data=null")
     with pytest.raises(ValueError, match="paths.data=DIR"):
         run_experiment(cfg, tmp_path / "run")
+
+
+def test_zeroshot_heads_from_pretrained_weights_replace_the_release_heads(clip_setup, tmp_path):
+    data, releases = clip_setup
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True, load_weights=False)
+    weights = tmp_path / "openai_vit_b32.pt"
+    torch.save(clip.state_dict(), weights)
+    cfg = _config(data, releases["B"][0], tmp_path / "cache", "B", "tasks.heads=zeroshot", f"tasks.zeroshot_weights={weights}")
+    zoo = load_clip_zoo(cfg)
+    heads = {n: checkpoints.load_state_dict(zoo.heads[n]) for n in NAMES}
+    assert {n: h["weight"].shape for n, h in heads.items()} == {n: (c, 512) for n, c in CLASSES.items()}
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    expected = zeroshot_weights(clip, tokenizer, clip_datasets.classnames("DTD", data), TEMPLATES["DTD"])
+    assert torch.allclose(heads["DTD"]["weight"], expected, atol=1e-5)
+    assert load_clip_zoo(cfg).heads == zoo.heads, "zero-shot heads are cached"
+    with pytest.raises(ValueError, match="tasks.zeroshot_weights=PATH"):
+        load_clip_zoo(_config(data, releases["B"][0], tmp_path / "cache", "B", "tasks.heads=zeroshot"))

@@ -8,7 +8,7 @@ and test with a seeded random subset, for quick looks; leave it null for the pap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,8 +67,3 @@ def zeroshot_heads(clip: nn.Module, tokenizer: Callable, names: Sequence[str], r
             checkpoints.save_state_dict(path, {"weight": weight, "bias": torch.zeros(len(weight))})
         paths[name] = path
     return paths
-
-
-def heads_by_task(paths: Mapping[str, Path]) -> dict[str, ClipClassificationHead]:
-    """Load every head of a zoo."""
-    return {name: load_head(path) for name, path in paths.items()}

@@ -23,6 +23,10 @@ def summary_rows(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapp
         base_norm.append(normalized(base[t.name], ft[t.name], t.higher_is_better))
         rows.append([t.name, f"{t.metric_name} {arrow}", f"{base[t.name]:.2f}", f"{ft[t.name]:.2f}", f"{final[t.name]:.2f}",
                      f"{base_norm[-1]:.3f}", f"{selection['final_normalized_per_task'][t.name]:.3f}"])
+    metrics = {t.metric_name for t in tasks}
+    if len(metrics) == 1:  # one metric for every task (CLIP: accuracy): its plain mean, as papers report it
+        means = [sum(column[t.name] for t in tasks) / len(tasks) for column in (base, ft, final)]
+        rows.append(["mean", f"{metrics.pop()} {'↑' if tasks[0].higher_is_better else '↓'}", *[f"{m:.2f}" for m in means], "", ""])
     rows.append(["mean", "normalized ↑", "", "", "", f"{sum(base_norm) / len(base_norm):.3f}", f"{final['normalized']:.3f}"])
     return rows
 

@@ -76,6 +76,8 @@ def test_clip_run_with_both_selectors(clip_setup, tmp_path, fmt):
     assert selection["selected"]["tap"] == min(rows, key=lambda r: r["tap"]["mean"])["hparams"]
     assert set(selection["final"]) == {*NAMES, "normalized"}
     assert "agreement" in selection
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| mean | accuracy ↑ |" in report and "the frozen heads of the release" in report
 
     # the reference accuracy of a fine-tuned model is its own encoder + frozen head on the val split, by hand
     encoder = create_encoder("clip", model="ViT-B-32").eval()

@@ -83,13 +83,15 @@ def convert(source: Path, cache_dir: str | Path, mapping: Callable[[dict[str, to
         target = folder / f"{known}.safetensors"
     else:
         state = mapping(checkpoints.load_state_dict(source), str(source))
-        staging = checkpoints.save_state_dict(folder / f".{os.getpid()}.{source.name}.safetensors", state,
-                                              metadata={"source": str(source)})
-        digest = checkpoints.fingerprint(staging)
-        target = folder / f"{digest}.safetensors"
-        os.replace(staging, target)
+        staging = checkpoints.atomic_path(folder / f"{source.name}.safetensors")
+        try:
+            checkpoints.save_state_dict(staging, state, metadata={"source": str(source)})
+            target = folder / f"{checkpoints.fingerprint(staging)}.safetensors"
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
         index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-        index[source_id] = digest
+        index[source_id] = target.stem
         atomic_write_json(index_path, index)
     checkpoints.remember_fingerprint(target, target.stem)
     return target

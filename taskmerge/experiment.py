@@ -17,19 +17,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskmerge import checkpoints, merging, plots, release_zoo, report
+from taskmerge import checkpoints, clip_setting, merging, plots, report
 from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.encoders import encoder_from_spec
-from taskmerge.encoders.clip import preprocess as clip_preprocess
-from taskmerge.encoders.clip import image_size as clip_image_size
-from taskmerge.encoders.clip import pretrained_clip
 from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
-from taskmerge.tasks import Task, build_builtin_task, clip_datasets
-from taskmerge.tasks import clip as clip_tasks
+from taskmerge.tasks import SPLITS, Task, build_builtin_task
 from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger
 from taskmerge.zoo import Zoo, get_builtin_zoo
 
@@ -74,6 +70,10 @@ class Setting:
     def load_encoder(self, path: Path) -> nn.Module:
         return self.new_encoder(checkpoints.load_state_dict(path))
 
+    def data_identity(self) -> dict[str, list[Any]]:
+        """What cache keys hash for the tasks' data: every split's identity (bytes, or on-disk description)."""
+        return {t.name: [t.splits[s].identity() for s in SPLITS] for t in self.tasks}
+
     @cached_property
     def geometry(self) -> tuple[int, int, tuple[int, int]]:
         """(embed_dim, patch_size, grid_size) of the encoder, from its spec (no weights read)."""
@@ -84,7 +84,7 @@ class Setting:
         """Task `task_name`'s decoder as fine-tuned with its encoder (frozen decoders, entropy AdaMerging)."""
         task = next(t for t in self.tasks if t.name == task_name)
         if task.head is not None:
-            return task.head
+            return task.head.to(self.device).eval()
         head = build_decoder(task.kind, self.geometry[0], task.num_outputs, *self.geometry[1:])
         head.load_state_dict(checkpoints.load_state_dict(self.zoo.heads[task_name]))
         return head.to(self.device).eval()
@@ -142,65 +142,34 @@ def build_tasks(tasks_cfg: Mapping[str, Any]) -> list[Task]:
     return [build_builtin_task(name, *sizes, tasks_cfg["image_size"], tasks_cfg["seed"]) for name in tasks_cfg["names"]]
 
 
-def _required_path(tasks_cfg: Mapping[str, Any], key: str, env: str) -> Path:
-    value = tasks_cfg[key]
-    if value is None:
-        raise ValueError(f"tasks.{key} is not set: pass paths.{'data' if key == 'data_location' else key}=DIR, "
-                         f"set it in configs/local/, or export {env}")
-    return Path(value)
-
-
-def load_clip_zoo(cfg: Mapping[str, Any]) -> Zoo:
-    """The release zoo of the configured CLIP tasks, with the release's heads or zero-shot heads."""
-    tasks_cfg, model, cache_dir = cfg["tasks"], cfg["encoder"]["model"], cfg["paths"]["cache_dir"]
-    names, root = list(tasks_cfg["names"]), _required_path(tasks_cfg, "data_location", "TASKMERGE_DATA_DIR")
-    heads = None
-    if tasks_cfg["heads"] == "zeroshot":
-        if tasks_cfg["zeroshot_weights"] is None:
-            raise ValueError("tasks.heads=zeroshot needs tasks.zeroshot_weights=PATH to pretrained CLIP weights (text tower)")
-        clip, tokenizer = pretrained_clip(model, tasks_cfg["zeroshot_weights"], cfg["encoder"]["quick_gelu"])
-        heads = clip_tasks.zeroshot_heads(clip, tokenizer, names, root, cache_dir,
-                                          checkpoints.fingerprint(tasks_cfg["zeroshot_weights"]))
-    checkpoint_root = _required_path(tasks_cfg, "checkpoints", "TASKMERGE_CHECKPOINTS_DIR")
-    return release_zoo.get_release_zoo(checkpoint_root, model, names, tasks_cfg["format"], cache_dir, heads)
-
-
-def _clip_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
-    """The CLIP datasets with the release's splits and preprocessing and their frozen heads."""
-    tasks_cfg = cfg["tasks"]
-    root = Path(tasks_cfg["data_location"])
-    transform = clip_preprocess(clip_image_size(cfg["encoder"]["model"]))
-    return [clip_tasks.build_clip_task(name, root, transform, clip_tasks.load_head(zoo.heads[name]),
-                                       tasks_cfg["max_eval_images"], tasks_cfg["num_workers"], cfg["seed"])
-            for name in tasks_cfg["names"]]
-
-
 def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Setting:
     """Build the tasks and get the zoo (the built-in one is built once, then reused; a release is converted
     once); with several processes rank 0 builds or converts it while the others wait."""
     clip = cfg["tasks"]["setting"] == "clip"
     if clip:
-        root = _required_path(cfg["tasks"], "data_location", "TASKMERGE_DATA_DIR")
-        clip_datasets.check_layout(list(cfg["tasks"]["names"]), root)
+        clip_setting.check_inputs(cfg)
+    elif cfg["encoder"]["name"] != "builtin_vit":
+        raise ValueError(f"tasks={cfg['tasks']['name']} (the built-in benchmark) needs encoder=builtin_vit, "
+                         f"got encoder.name={cfg['encoder']['name']!r}; CLIP encoders go with tasks=clip8 | clip14 | clip20")
     tasks = [] if clip else build_tasks(cfg["tasks"])
     with timer.stage("zoo"):
         if not distributed.is_main:
             distributed.barrier()
         if clip:
-            zoo = load_clip_zoo(cfg)
+            zoo = clip_setting.load_zoo(cfg)
         else:
             zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], tasks, cfg["seed"], cfg["paths"]["cache_dir"])
         if distributed.is_main:
             distributed.barrier()
-    tasks = _clip_tasks(cfg, zoo) if clip else tasks
+    tasks = clip_setting.build_tasks(cfg, zoo) if clip else tasks
     return Setting(tasks=tasks, zoo=zoo, encoder_spec=dict(cfg["encoder"]), device=resolve_device(cfg["device"]))
 
 
-def reference_metrics(setting: Setting, protocol: evaluation.Protocol, cache_dir: Path,
+def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache_dir: Path,
                       distributed: Distributed = Distributed()) -> dict[str, dict[str, dict[str, float]]]:
     """Metrics of the base and of each fine-tuned encoder (on its own task), on val and test, with the
     same decoder protocol as the candidates; cached under a key of zoo, data and protocol."""
-    data = {t.name: [t.splits[s].identity() for s in ("train", "val", "test")] for t in setting.tasks}
+    data = setting.data_identity()
     key = content_key("references", REFERENCE_CACHE_VERSION, setting.zoo.fingerprints(), data, type(protocol).__name__, vars(protocol),
                       Path(evaluation.__file__).read_text())
     path = Path(cache_dir) / "references" / f"{key[:32]}.json"
@@ -233,7 +202,7 @@ def _method_space(method_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     return fixed, dict(method_cfg.get("search") or {})
 
 
-def build_protocol(decoder_cfg: Mapping[str, Any], seed: int) -> evaluation.Protocol:
+def build_protocol(decoder_cfg: Mapping[str, Any], seed: int) -> evaluation.EvalProtocol:
     """`decoder=frozen_head` → the frozen heads as they are; any other decoder option → re-training."""
     if decoder_cfg["name"] == "frozen_head":
         return evaluation.FrozenHeadProtocol(feature_batch_size=decoder_cfg["batch_size"])
@@ -247,7 +216,7 @@ class Pipeline:
 
     cfg: Mapping[str, Any]
     setting: Setting
-    protocol: evaluation.Protocol
+    protocol: evaluation.EvalProtocol
     refs: dict[str, Any]
     merger: CandidateMerger | LearnedMerger
     timer: StageTimer
@@ -318,7 +287,8 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
         "granularity", "loss", "iterations", "lr", "batch_size", "init", "ema_momentum")}, seed=cfg["seed"])
     names = [t.name for t in setting.tasks]
     out = run_dir / "adamerging"
-    key = content_key("adamerging", setting.zoo.key, dict(method_cfg), cfg["seed"], Path(adamerging.__file__).read_text())
+    key = content_key("adamerging", setting.zoo.key, setting.data_identity(), dict(method_cfg), cfg["seed"],
+                      Path(adamerging.__file__).read_text())
     pipeline.distributed.barrier()
     if (out / "merged.safetensors").is_file() and (out / "key.txt").is_file() and (out / "key.txt").read_text() == key:
         return LearnedMerger(ADAMERGING, hparams, checkpoints.load_state_dict(out / "merged.safetensors"))
@@ -369,7 +339,7 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                                      tap_cfg["features"], setting.encoder_spec, Path(cfg["paths"]["cache_dir"]), tap_cfg["batch_size"])
             for t in setting.tasks
         }
-    run_key = content_key(setting.zoo.key, dict(tap_cfg), type(protocol).__name__, vars(protocol), method)
+    run_key = content_key(setting.zoo.key, setting.data_identity(), dict(tap_cfg), type(protocol).__name__, vars(protocol), method)
     log = CandidateLog(run_dir / CANDIDATES)
     done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows()
             if r.get("run_key") == run_key and not r.get("error") and (r.get("eval") or not needs_eval)

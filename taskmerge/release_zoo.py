@@ -3,7 +3,8 @@
 Every release file is checked first (one error lists all missing files and the expected layout), then
 converted once into a content-addressed safetensors file under `cache_dir/release/` — keys mapped to
 open_clip 3.x, pickles read through the restricted unpickler — so later runs read them lazily. An
-index maps (path, size, mtime) of each source to its converted file, so unchanged sources are not reread.
+index maps each source's (path, size, mtime, inode, ctime) to its converted file, so unchanged sources are
+not reread.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from taskmerge import checkpoints
 from taskmerge.cache import atomic_write_json, content_key
-from taskmerge.encoders.clip import to_open_clip_keys
+from taskmerge.encoders.clip import ClipClassificationHead, to_open_clip_keys
 from taskmerge.zoo import Zoo
 
 FORMATS = ("A", "B")
@@ -67,13 +68,17 @@ def check_release(files: ReleaseFiles, model: str, fmt: str, with_heads: bool = 
 
 
 def _source_id(path: Path, mapping: Callable) -> str:
+    """Identity of a source file's current version: a copy that keeps the mtime (`cp -p`, rsync) still gets a
+    new inode or ctime, so a replaced checkpoint is always converted again."""
     stat = path.resolve().stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{mapping.__name__}|v{CONVERSION_VERSION}"
+    return (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}|{mapping.__name__}"
+            f"|v{CONVERSION_VERSION}")
 
 
 def convert(source: Path, cache_dir: str | Path, mapping: Callable[[dict[str, torch.Tensor], str], Mapping[str, torch.Tensor]]) -> Path:
-    """The converted safetensors of `source` (named by the SHA-256 of its bytes), converting it first if the
-    index has no entry for its current (path, size, mtime). Its fingerprint is registered, never recomputed."""
+    """The converted safetensors of `source`, named by the SHA-256 of its bytes (equal weights share one file),
+    converting it first if the index has no entry for the source's current version. Its fingerprint is
+    registered, never recomputed."""
     folder = Path(cache_dir) / "release"
     index_path = folder / INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
@@ -85,7 +90,7 @@ def convert(source: Path, cache_dir: str | Path, mapping: Callable[[dict[str, to
         state = mapping(checkpoints.load_state_dict(source), str(source))
         staging = checkpoints.atomic_path(folder / f"{source.name}.safetensors")
         try:
-            checkpoints.save_state_dict(staging, state, metadata={"source": str(source)})
+            checkpoints.save_state_dict(staging, state)
             target = folder / f"{checkpoints.fingerprint(staging)}.safetensors"
             os.replace(staging, target)
         finally:
@@ -104,10 +109,8 @@ def encoder_mapping(state: dict[str, torch.Tensor], source: str) -> dict[str, to
 
 def head_mapping(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """A head checkpoint reduced to its `weight` [C, E] and `bias` [C] (zero if absent)."""
-    if "weight" not in state or state["weight"].dim() != 2:
-        raise ValueError(f"{source}: a classification head needs a 2-D 'weight'; found keys {sorted(state)}")
-    weight = state["weight"]
-    return {"weight": weight, "bias": state.get("bias", torch.zeros(len(weight), dtype=weight.dtype))}
+    head = ClipClassificationHead.from_state_dict(state, source)
+    return {"weight": head.weight.detach(), "bias": head.bias.detach()}
 
 
 def get_release_zoo(root: str | Path, model: str, names: Sequence[str], fmt: str, cache_dir: str | Path,
@@ -119,5 +122,6 @@ def get_release_zoo(root: str | Path, model: str, names: Sequence[str], fmt: str
     base = convert(files.base, cache_dir, encoder_mapping)
     finetuned = {n: convert(p, cache_dir, encoder_mapping) for n, p in files.finetuned.items()}
     head_paths = dict(heads) if heads is not None else {n: convert(p, cache_dir, head_mapping) for n, p in files.heads.items()}
-    key = content_key("release", base.stem, {n: p.stem for n, p in finetuned.items()})
+    key = content_key("release", base.stem, {n: p.stem for n, p in finetuned.items()},
+                      {n: checkpoints.fingerprint(p) for n, p in head_paths.items()})
     return Zoo(key=key, base=base, finetuned=finetuned, heads=head_paths)

@@ -42,8 +42,9 @@ class Zoo:
     heads: dict[str, Path]
 
     def fingerprints(self) -> dict[str, str]:
-        """Content fingerprints of every checkpoint (base and fine-tuned), for cache keys."""
-        files = {"base": self.base, **{f"ft/{t}": p for t, p in self.finetuned.items()}}
+        """Content fingerprints of every checkpoint (base, fine-tuned and heads), for cache keys."""
+        files = {"base": self.base, **{f"ft/{t}": p for t, p in self.finetuned.items()},
+                 **{f"head/{t}": p for t, p in self.heads.items()}}
         return {name: checkpoints.fingerprint(path) for name, path in files.items()}
 
 

@@ -121,3 +121,17 @@ def save_release(root: Path, model: str, names: Sequence[str], fmt: str, num_cla
         for name, path in head_paths.items():
             torch.save(heads[name], path)
     return {key: release_state_dict(clip) for key, clip in encoders.items()} | {f"head/{n}": h.state_dict() for n, h in heads.items()}
+
+
+@torch.no_grad()
+def centroid_head(clip: nn.Module, data: Path, name: str, num_classes: int) -> torch.Tensor:
+    """A head fitted like the release's: unit class centroids of the fine-tuned encoder's train embeddings, × 100."""
+    from taskmerge.encoders.clip import preprocess
+    from taskmerge.tasks import clip_datasets
+
+    train = clip_datasets.load_split(name, "train", data, preprocess(224))
+    images, labels = zip(*(train[i] for i in range(len(train))))
+    embeddings = nn.functional.normalize(clip.eval().encode_image(torch.stack(images)), dim=-1)
+    labels = torch.tensor(labels)
+    rows = [embeddings[labels == c].mean(0) if (labels == c).any() else torch.zeros(embeddings.shape[1]) for c in range(num_classes)]
+    return 100 * nn.functional.normalize(torch.stack(rows), dim=-1)

@@ -2,31 +2,24 @@
 once to cached safetensors, mapped to open_clip 3.x and built into encoders that match open_clip."""
 
 import logging
+import os
+import shutil
 
 import open_clip
 import pytest
 import torch
 
 from clip_release import random_clip, save_release
+from conftest import CLIP_MODEL, CLIP_NAMES
 from taskmerge import checkpoints, merging, release_zoo
 from taskmerge.encoders import create_encoder
 from taskmerge.encoders.clip import TEXT_LEFTOVERS, ClipClassificationHead, to_open_clip_keys, zeroshot_weights
 
-MODEL = "ViT-B-32"
-NAMES = ["DTD", "MNIST"]
-CLASSES = {"DTD": 3, "MNIST": 10}
 
-
-@pytest.fixture(scope="module", params=["A", "B"])
-def release(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"release{request.param}")
-    saved = save_release(root, MODEL, NAMES, request.param, CLASSES)
-    return request.param, root, saved
-
-
-def test_release_converts_once_to_open_clip_keys(release, tmp_path):
-    fmt, root, saved = release
-    zoo = release_zoo.get_release_zoo(root, MODEL, NAMES, fmt, tmp_path)
+@pytest.mark.parametrize("fmt", ["A", "B"])
+def test_release_converts_once_to_open_clip_keys(clip_releases, clip_cache, fmt):
+    root, saved = clip_releases[fmt]
+    zoo = release_zoo.get_release_zoo(root, CLIP_MODEL, CLIP_NAMES, fmt, clip_cache)
     for name, path in {"base": zoo.base, **zoo.finetuned}.items():
         converted = checkpoints.load_state_dict(path)
         expected = to_open_clip_keys(saved[name])
@@ -38,31 +31,51 @@ def test_release_converts_once_to_open_clip_keys(release, tmp_path):
     head = checkpoints.load_state_dict(zoo.heads["DTD"])
     assert torch.equal(head["weight"], saved["head/DTD"]["weight"]) and head["weight"].shape == (3, 512)
 
-    files = sorted((tmp_path / "release").iterdir())
+    files = sorted((clip_cache / "release").iterdir())
     mtimes = [p.stat().st_mtime_ns for p in files]
-    again = release_zoo.get_release_zoo(root, MODEL, NAMES, fmt, tmp_path)
+    again = release_zoo.get_release_zoo(root, CLIP_MODEL, CLIP_NAMES, fmt, clip_cache)
     assert again == zoo
-    assert sorted((tmp_path / "release").iterdir()) == files and [p.stat().st_mtime_ns for p in files] == mtimes
+    assert sorted((clip_cache / "release").iterdir()) == files and [p.stat().st_mtime_ns for p in files] == mtimes
+
+
+def test_formats_a_and_b_of_equal_weights_share_their_conversions(clip_releases, clip_cache):
+    zoos = [release_zoo.get_release_zoo(clip_releases[f][0], CLIP_MODEL, CLIP_NAMES, f, clip_cache) for f in ("A", "B")]
+    assert zoos[0] == zoos[1]
+
+
+def test_a_replaced_checkpoint_with_the_same_mtime_is_converted_again(tmp_path):
+    save_release(tmp_path / "release", CLIP_MODEL, ["DTD"], "B", {"DTD": 3}, seed=0)
+    zoo = release_zoo.get_release_zoo(tmp_path / "release", CLIP_MODEL, ["DTD"], "B", tmp_path / "cache")
+    other = save_release(tmp_path / "other", CLIP_MODEL, ["DTD"], "B", {"DTD": 3}, seed=7)
+    target = tmp_path / "release" / CLIP_MODEL / "DTDVal" / "nonlinear_finetuned.pt"
+    stat = target.stat()
+    shutil.copyfile(tmp_path / "other" / CLIP_MODEL / "DTDVal" / "nonlinear_finetuned.pt", target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or rsync would leave it
+    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
+    again = release_zoo.get_release_zoo(tmp_path / "release", CLIP_MODEL, ["DTD"], "B", tmp_path / "cache")
+    assert again.finetuned["DTD"] != zoo.finetuned["DTD"] and again.key != zoo.key
+    converted = checkpoints.load_state_dict(again.finetuned["DTD"])
+    assert torch.equal(converted["visual.proj"], other["DTD"]["model.visual.proj"])
 
 
 def test_missing_release_files_are_listed_at_once(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        release_zoo.get_release_zoo(tmp_path, MODEL, NAMES, "B", tmp_path / "cache")
+        release_zoo.get_release_zoo(tmp_path, CLIP_MODEL, ["DTD", "MNIST"], "B", tmp_path / "cache")
     message = str(error.value)
     assert "5 checkpoint file(s) missing" in message
     for part in ("MNISTVal/nonlinear_zeroshot.pt", "DTDVal/nonlinear_finetuned.pt", "head_MNISTVal.pt", "format B"):
         assert part in message
     with pytest.raises(ValueError, match="tasks.format='C'"):
-        release_zoo.release_files(tmp_path, MODEL, NAMES, "C")
+        release_zoo.release_files(tmp_path, CLIP_MODEL, ["DTD"], "C")
 
 
-def test_clip_encoder_matches_open_clip_encode_image(release, tmp_path):
-    fmt, root, saved = release
-    zoo = release_zoo.get_release_zoo(root, MODEL, NAMES, fmt, tmp_path)
-    encoder = create_encoder("clip", model=MODEL)
+def test_clip_encoder_matches_open_clip_encode_image(clip_releases, clip_cache):
+    root, saved = clip_releases["B"]
+    zoo = release_zoo.get_release_zoo(root, CLIP_MODEL, CLIP_NAMES, "B", clip_cache)
+    encoder = create_encoder("clip", model=CLIP_MODEL)
     encoder.load_state_dict(encoder.encoder_weights(checkpoints.load_state_dict(zoo.finetuned["DTD"])))
     encoder.eval()
-    reference = random_clip(MODEL, seed=123)
+    reference = random_clip(CLIP_MODEL, seed=123)
     reference.load_state_dict({k[len("model."):]: v for k, v in saved["DTD"].items()})
     reference.eval()
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -76,14 +89,14 @@ def test_clip_encoder_matches_open_clip_encode_image(release, tmp_path):
         assert torch.allclose(head(features), expected, atol=1e-5)
 
 
-def test_merge_of_release_keys_keeps_text_leftovers(release, tmp_path):
-    fmt, root, _ = release
-    zoo = release_zoo.get_release_zoo(root, MODEL, NAMES, fmt, tmp_path)
+def test_merge_of_release_keys_keeps_text_leftovers(clip_releases, clip_cache):
+    root, _ = clip_releases["B"]
+    zoo = release_zoo.get_release_zoo(root, CLIP_MODEL, CLIP_NAMES, "B", clip_cache)
     merged = merging.merge("ties", zoo.base, list(zoo.finetuned.values()), k=20, alpha=1.0)
     base = checkpoints.load_state_dict(zoo.base)
     for key in TEXT_LEFTOVERS:
         assert torch.equal(merged[key], base[key])
-    encoder = create_encoder("clip", model=MODEL)
+    encoder = create_encoder("clip", model=CLIP_MODEL)
     encoder.load_state_dict(encoder.encoder_weights(merged))
 
 
@@ -96,16 +109,18 @@ def test_unexpected_keys_are_named():
 def test_zeroshot_weights_follow_the_release_recipe():
     logging.disable(logging.WARNING)
     try:
-        clip = open_clip.create_model(MODEL, pretrained=None, force_quick_gelu=True, load_weights=False)
+        clip = open_clip.create_model(CLIP_MODEL, pretrained=None, force_quick_gelu=True, load_weights=False)
     finally:
         logging.disable(logging.NOTSET)
-    tokenizer = open_clip.get_tokenizer(MODEL)
+    with torch.no_grad():
+        clip.logit_scale.fill_(torch.log(torch.tensor(100.0)))  # OpenAI CLIP's learned scale
+    tokenizer = open_clip.get_tokenizer(CLIP_MODEL)
     templates = ["a photo of a {}.", "a drawing of a {}."]
     weights = zeroshot_weights(clip, tokenizer, ["cat", "dog"], templates)
     assert weights.shape == (2, 512)
-    scale = clip.logit_scale.exp().item()
-    assert torch.allclose(weights.norm(dim=-1), torch.full((2,), scale), rtol=1e-5)
+    assert torch.allclose(weights.norm(dim=-1), torch.full((2,), 100.0), rtol=1e-5)
     with torch.no_grad():
         per_template = torch.nn.functional.normalize(clip.encode_text(tokenizer([t.format("dog") for t in templates])), dim=-1)
-    expected = torch.nn.functional.normalize(per_template.mean(0), dim=-1) * scale
-    assert torch.allclose(weights[1], expected, atol=1e-5)
+    expected = torch.nn.functional.normalize(per_template.mean(0), dim=-1) * 100.0
+    assert torch.allclose(weights[1], expected, atol=1e-4)
+    assert not torch.allclose(weights[0], weights[1])

@@ -64,6 +64,7 @@ def train_module(
 
 @torch.no_grad()
 def predict(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Outputs of `module` on `inputs`, batched, in eval mode."""
+    """Outputs of `module` on `inputs`, batched, in eval mode, on the module's device; returned on the CPU."""
     module.eval()
-    return torch.cat([module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    device = next(module.parameters()).device
+    return torch.cat([module(inputs[i : i + batch_size].to(device)).cpu() for i in range(0, len(inputs), batch_size)])

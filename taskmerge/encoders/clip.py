@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import open_clip
 import torch
@@ -77,9 +77,9 @@ class ClipImageEncoder(nn.Module):
         self.patch_size = self.visual.patch_size[0]
         self.grid_size = tuple(self.visual.grid_size)
 
-    def encoder_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encoder_weights(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
         """The image-tower subset of a (merged) release state dict: text leftovers dropped, keys mapped."""
-        return {k: v for k, v in to_open_clip_keys(state_dict).items() if k.startswith(VISUAL_PREFIX)}
+        return {k: v for k, v in to_open_clip_keys(state_dict, source).items() if k.startswith(VISUAL_PREFIX)}
 
     def features(self, images: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
         """Image embedding `[B, E]` (`pooled`, = `encode_image`) or post-`ln_post` patch tokens `[B, N, W]` (`tokens`)."""
@@ -98,6 +98,12 @@ def image_size(model: str) -> int:
         raise ValueError(f"encoder.model={model!r} is not an open_clip architecture; e.g. ViT-B-32, ViT-B-16, ViT-L-14")
     size = config["vision_cfg"]["image_size"]
     return size if isinstance(size, int) else size[0]
+
+
+def output_dim(model: str) -> int:
+    """Size of the image embedding of an open_clip architecture, from its config."""
+    image_size(model)
+    return open_clip.get_model_config(model)["embed_dim"]
 
 
 def preprocess(image_size: int = 224) -> nn.Module:
@@ -125,13 +131,14 @@ class ClipClassificationHead(nn.Module):
         return cls(state_dict["weight"], state_dict.get("bias"))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, C]` of image embeddings `[B, E]`."""
         if self.normalize:
             features = F.normalize(features, dim=-1)
         return F.linear(features, self.weight, self.bias)
 
 
 @torch.no_grad()
-def zeroshot_weights(model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+def zeroshot_weights(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str], templates: Sequence[str],
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Zero-shot head weights as the releases build them: per class, encode every template, L2-normalise,
     average, normalise again; scaled by `logit_scale.exp()`. Returns `[classes, embed_dim]`."""
@@ -144,7 +151,7 @@ def zeroshot_weights(model: nn.Module, tokenizer, classnames: Sequence[str], tem
     return (torch.stack(rows) * model.logit_scale.exp().float()).cpu()
 
 
-def pretrained_clip(model: str, path: str, quick_gelu: bool = True) -> tuple[nn.Module, object]:
+def pretrained_clip(model: str, path: str, quick_gelu: bool = True) -> tuple[nn.Module, Callable]:
     """The full open_clip CLIP (text tower included) from pretrained weights at `path`, and its tokenizer."""
     clip = open_clip.create_model(model, pretrained=path, force_quick_gelu=quick_gelu)
     return clip, open_clip.get_tokenizer(model)

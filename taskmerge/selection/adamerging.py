@@ -106,13 +106,16 @@ def learn(
     if config.loss not in ("tap", "entropy"):
         raise ValueError(f"adamerging loss must be 'tap' or 'entropy', got {config.loss!r}")
     num_tasks = len(finetuned)
+    device = next(encoder.parameters()).device  # everything below lives where the encoder does
     keys = [k for k, v in pretrained.items() if v.is_floating_point()]
-    taus = _task_vector_stack(pretrained, finetuned, keys)
-    base = [pretrained[k] for k in keys]
-    fixed = {k: v for k, v in pretrained.items() if not v.is_floating_point()}
+    taus = [tau.to(device) for tau in _task_vector_stack(pretrained, finetuned, keys)]
+    base = [pretrained[k].to(device) for k in keys]
+    fixed = {k: v.to(device) for k, v in pretrained.items() if not v.is_floating_point()}
+    teachers = [t.to(device) for t in teachers] if teachers is not None else None
+    heads = [h.to(device) for h in heads] if heads is not None else None
     init = config.init if config.init is not None else (1.0 / num_tasks if config.loss == "tap" else 0.3)
     rows = len(keys) if config.granularity == "layer" else 1
-    raw = torch.full((rows, num_tasks), float(init), requires_grad=True)
+    raw = torch.full((rows, num_tasks), float(init), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([raw], lr=config.lr)
     clamp = config.loss == "entropy"
     kind = "tokens" if config.loss == "tap" else "pooled"
@@ -139,15 +142,15 @@ def learn(
         torch.cuda.reset_peak_memory_stats()
     for _ in tqdm(range(config.iterations), desc=f"adamerging ({config.granularity}, {config.loss})", leave=False):
         params = merged_params(coefficients())
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for t in range(num_tasks):
             index = torch.randint(len(images[t]), (config.batch_size,), generator=generator)
             if not distributed.owns(t):
                 continue
-            outputs = functional_call(model, params, (images[t][index],), strict=False)
+            outputs = functional_call(model, params, (images[t][index].to(device),), strict=False)
             if config.loss == "tap":
                 student = student_norm(outputs)
-                teacher = teacher_norms[t](teachers[t][index])
+                teacher = teacher_norms[t](teachers[t][index.to(device)])
                 total = total + (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
             else:
                 probs = heads[t](outputs).softmax(-1)
@@ -166,8 +169,8 @@ def learn(
         distributed.all_reduce_sum_(value)
         losses.append(value.item())
     with torch.no_grad():
-        lam = coefficients().detach().clone()
-        merged = {key: value.detach().clone() for key, value in merged_params(lam).items()}
+        lam = coefficients().detach().cpu()
+        merged = {key: value.detach().cpu() for key, value in merged_params(lam.to(device)).items()}
     merged = {key.removeprefix("encoder."): value for key, value in merged.items()}
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     return AdaMergingResult(merged={k: merged[k] for k in pretrained}, coefficients=lam, keys=keys, losses=losses,

@@ -40,7 +40,7 @@ class FrozenHeadProtocol:
     feature_batch_size: int = 256
 
 
-Protocol = DecoderProtocol | FrozenHeadProtocol
+EvalProtocol = DecoderProtocol | FrozenHeadProtocol
 
 
 def _score(decoder: nn.Module, encoder: nn.Module, task: Task, split: str, batch_size: int) -> float:
@@ -51,7 +51,7 @@ def _score(decoder: nn.Module, encoder: nn.Module, task: Task, split: str, batch
     return metric.compute()
 
 
-def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...], protocol: Protocol) -> dict[str, float]:
+def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...], protocol: EvalProtocol) -> dict[str, float]:
     """Train `task`'s decoder once on the frozen encoder's train features (or take its frozen head under
     FrozenHeadProtocol); its metric on each of `splits`."""
     if isinstance(protocol, FrozenHeadProtocol):
@@ -69,15 +69,15 @@ def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...]
     return {split: _score(decoder, encoder, task, split, protocol.feature_batch_size) for split in splits}
 
 
-def evaluate_task(encoder: nn.Module, task: Task, split: str, protocol: Protocol) -> float:
-    """Train `task`'s decoder on the frozen encoder's train features and return its metric on `split`."""
+def evaluate_task(encoder: nn.Module, task: Task, split: str, protocol: EvalProtocol) -> float:
+    """`task`'s metric on `split` under `protocol`: a decoder trained on the frozen encoder, or its frozen head."""
     return evaluate_task_splits(encoder, task, (split,), protocol)[split]
 
 
-def evaluate_encoder(encoder: nn.Module, tasks: list[Task], split: str, protocol: Protocol,
+def evaluate_encoder(encoder: nn.Module, tasks: list[Task], split: str, protocol: EvalProtocol,
                      distributed: Distributed = Distributed()) -> dict[str, float]:
-    """Metric per task on `split` with freshly trained decoders; with several processes each rank trains its
-    share of the tasks' decoders and every rank gets all metrics."""
+    """Metric per task on `split` under `protocol` (decoders trained afresh, or frozen heads); with several
+    processes each rank evaluates its share of the tasks and every rank gets all metrics."""
     part = {task.name: evaluate_task(encoder, task, split, protocol) for task in distributed.shard(tasks)}
     metrics = distributed.gather_dict(part)
     return {task.name: metrics[task.name] for task in tasks}
@@ -89,7 +89,7 @@ def normalize_scores(metrics: Mapping[str, float], finetuned: Mapping[str, float
     return {**per_task, "normalized": sum(per_task.values()) / len(per_task)}
 
 
-def evaluate_frozen(encoder: nn.Module, task: Task, head: nn.Module, split: str, protocol: Protocol) -> float:
+def evaluate_frozen(encoder: nn.Module, task: Task, head: nn.Module, split: str, protocol: EvalProtocol) -> float:
     """The metric on `split` of a decoder kept frozen (the fine-tuned model's own head) on top of `encoder`:
     the paper's Appendix E baseline, no re-training."""
     return _score(head, encoder, task, split, protocol.feature_batch_size)

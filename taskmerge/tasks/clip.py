@@ -8,7 +8,7 @@ and test with a seeded random subset, for quick looks; leave it null for the pap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ def build_clip_task(name: str, root: str | Path, transform: Callable, head: nn.M
     """Dataset `name` under `root` with the release's splits and preprocessing, evaluated by `head` (frozen)."""
     num_classes = len(clip_datasets.classnames(name, root))
     if head.weight.shape[0] != num_classes:
-        raise ValueError(f"{name}: the head has {head.weight.shape[0]} classes, the dataset under {root} has {num_classes}")
+        raise ValueError(f"{name}: its head has {head.weight.shape[0]} classes, the dataset under {root} has {num_classes}")
     splits = {}
     for split in SPLITS:
         dataset = clip_datasets.load_split(name, split, root, transform)
@@ -48,22 +48,30 @@ def build_clip_task(name: str, root: str | Path, transform: Callable, head: nn.M
     return Task(name=name, kind="classification", num_outputs=num_classes, splits=splits, metric_factory=Accuracy, head=head)
 
 
-def load_head(path: str | Path) -> ClipClassificationHead:
-    """A frozen head from a converted (safetensors) or release head file."""
-    return ClipClassificationHead.from_state_dict(checkpoints.load_state_dict(path), str(path))
+def load_head(path: str | Path, embed_dim: int) -> ClipClassificationHead:
+    """A frozen head from a converted (safetensors) or release head file, for image embeddings of `embed_dim`."""
+    head = ClipClassificationHead.from_state_dict(checkpoints.load_state_dict(path), str(path))
+    if head.weight.shape[1] != embed_dim:
+        raise ValueError(f"{path}: head for {head.weight.shape[1]}-d image embeddings, the encoder gives {embed_dim}-d "
+                         "(a head of another CLIP model?)")
+    return head
 
 
-def zeroshot_heads(clip: nn.Module, tokenizer: Callable, names: Sequence[str], root: str | Path, cache_dir: str | Path,
-                   weights_id: str) -> dict[str, Path]:
-    """Zero-shot heads built from the text tower of `clip` (weights identified by `weights_id`) with each
-    dataset's class names and templates; cached as safetensors keyed by weights, names and templates."""
-    paths = {}
+def zeroshot_heads(load_clip: Callable[[], tuple[nn.Module, Callable]], names: Sequence[str], root: str | Path,
+                   cache_dir: str | Path, model_id: Mapping[str, Any]) -> dict[str, Path]:
+    """Zero-shot heads built from the text tower of the CLIP that `load_clip` returns (with its tokenizer), from
+    each dataset's class names and templates; cached as safetensors keyed by `model_id` (weights fingerprint,
+    architecture, QuickGELU, open_clip version), the class names and the templates. `load_clip` runs only if
+    some head is not cached."""
+    paths: dict[str, Path] = {}
+    clip: tuple[nn.Module, Callable] | None = None
     for name in names:
         classnames = clip_datasets.classnames(name, root)
-        key = content_key("zeroshot", ZEROSHOT_CACHE_VERSION, weights_id, name, classnames, list(TEMPLATES[name]))
+        key = content_key("zeroshot", ZEROSHOT_CACHE_VERSION, dict(model_id), name, classnames, list(TEMPLATES[name]))
         path = Path(cache_dir) / "heads" / f"{key[:32]}.safetensors"
         if not path.is_file():
-            weight = zeroshot_weights(clip, tokenizer, classnames, TEMPLATES[name])
+            clip = clip or load_clip()
+            weight = zeroshot_weights(*clip, classnames, TEMPLATES[name])
             checkpoints.save_state_dict(path, {"weight": weight, "bias": torch.zeros(len(weight))})
         paths[name] = path
     return paths

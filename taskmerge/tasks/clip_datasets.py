@@ -9,6 +9,7 @@ and "train" is the rest of the train set, where TAP takes its unlabeled images. 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,9 +83,9 @@ def load_split(name: str, split: str, root: str | Path, transform: Transform) ->
     root = Path(root).expanduser()
     check_layout([name], root)
     if split == "test" or (split == "val" and source.own_val):
-        base = source.build(root, split)
+        base = _base(name, root, split)
         return _ClipView(base, transform, source.finish, range(len(base)))
-    base = source.build(root, "train")
+    base = _base(name, root, "train")
     if source.own_val:
         return _ClipView(base, transform, source.finish, range(len(base)))
     try:
@@ -92,6 +93,13 @@ def load_split(name: str, split: str, root: str | Path, transform: Transform) ->
     except ValueError as error:
         raise ValueError(f"{name} under {root}: {error}") from error
     return _ClipView(base, transform, source.finish, train if split == "train" else val)
+
+
+@functools.lru_cache(maxsize=None)
+def _base(name: str, root: Path, split: str) -> Dataset:
+    """The (PIL image, label) dataset of one folder or file set, built once per process: train and val views
+    share it, so a large folder (SUN397, Food101) is scanned once."""
+    return _source(name).build(root, split)
 
 
 def classnames(name: str, root: str | Path) -> list[str]:

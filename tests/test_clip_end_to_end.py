@@ -15,6 +15,7 @@ from taskmerge import checkpoints
 from taskmerge.config import register_configs
 from taskmerge.encoders import create_encoder
 from taskmerge.encoders.clip import ClipClassificationHead, preprocess, zeroshot_weights
+from taskmerge.analyze import analyze
 from taskmerge.clip_setting import load_zoo
 from taskmerge.experiment import StageTimer, open_pipeline, run_experiment
 from taskmerge.run import to_plain
@@ -113,3 +114,13 @@ def test_zeroshot_heads_from_pretrained_weights_replace_the_release_heads(clip_d
     weights.unlink()
     with pytest.raises(ValueError, match="tasks.zeroshot_weights=PATH"):
         run_experiment(_config(data, root, clip_cache, "B", "tasks.heads=zeroshot"), tmp_path / "run")
+
+
+def test_task_vector_analysis_of_a_release(clip_data, clip_releases, clip_cache, tmp_path):
+    stats = analyze(_config(clip_data, clip_releases["B"][0], clip_cache, "B"), tmp_path)
+    blocks = [layer for layer in stats["layers"] if layer.startswith("visual.transformer.resblocks.")]
+    assert len(blocks) == 12
+    for name in CLIP_NAMES:
+        assert stats["norms"][name] > 0 and all(stats["layer_norms"][name][b] > 0 for b in blocks)
+        assert stats["layer_norms"][name]["token_embedding"] == 0.0, "fine-tuning leaves the text leftovers alone"
+    assert (tmp_path / "plots" / "task_vector_norms.png").is_file()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskmerge import checkpoints, clip_setting, merging, plots, report
+from taskmerge import checkpoints, merging, plots, report
 from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
@@ -147,6 +147,8 @@ def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distrib
     once); with several processes rank 0 builds or converts it while the others wait."""
     clip = cfg["tasks"]["setting"] == "clip"
     if clip:
+        from taskmerge import clip_setting  # open_clip and the dataset readers, only for the CLIP benchmark
+
         clip_setting.check_inputs(cfg)
     elif cfg["encoder"]["name"] != "builtin_vit":
         raise ValueError(f"tasks={cfg['tasks']['name']} (the built-in benchmark) needs encoder=builtin_vit, "

@@ -12,7 +12,6 @@ from typing import Any, Callable, Literal, Mapping, Protocol
 import torch
 from torch import nn
 
-from taskmerge.encoders.clip import ClipImageEncoder
 from taskmerge.encoders.vit import BuiltinViT
 
 FeatureKind = Literal["pooled", "tokens"]
@@ -30,7 +29,14 @@ class Encoder(Protocol):
     def encoder_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {"builtin_vit": BuiltinViT, "clip": ClipImageEncoder}
+def _clip(**kwargs: Any) -> nn.Module:
+    """open_clip's CLIP image encoder; open_clip (2 s to import) is imported only when one is built."""
+    from taskmerge.encoders.clip import ClipImageEncoder
+
+    return ClipImageEncoder(**kwargs)
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {"builtin_vit": BuiltinViT, "clip": _clip}
 
 
 def available() -> list[str]:

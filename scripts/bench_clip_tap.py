@@ -11,13 +11,12 @@ cost as real ones); both paths use the same weights and batches.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
-import open_clip
 import torch
 
 from taskmerge.encoders import create_encoder
+from taskmerge.encoders.clip import random_init_clip
 from taskmerge.selection.tap import compute_tap
 
 
@@ -44,9 +43,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     student = create_encoder("clip", model=args.model).to(device).eval()
-    logging.disable(logging.WARNING)  # open_clip warns that the weights are random: they are, on purpose
-    clip = open_clip.create_model(args.model, pretrained=None, force_quick_gelu=True, load_weights=False)
-    logging.disable(logging.NOTSET)
+    clip = random_init_clip(args.model)
     clip.visual.load_state_dict(student.visual.state_dict())
     clip = clip.to(device).eval()
     size = student.visual.image_size[0]

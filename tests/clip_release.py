@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import sys
 import types
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import open_clip
 import pytest
 import torch
 from torch import nn
+
+from taskmerge.encoders.clip import random_init_clip
 
 OLD_NAMES = {"VisionTransformer": "VisualTransformer"}
 
@@ -48,11 +48,7 @@ class ClassificationHead(nn.Linear):
 def random_clip(model: str, seed: int) -> nn.Module:
     """A random-init open_clip CLIP with QuickGELU, text transformer deleted as ImageEncoder does."""
     torch.manual_seed(seed)
-    logging.disable(logging.WARNING)
-    try:
-        clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=True, load_weights=False)
-    finally:
-        logging.disable(logging.NOTSET)
+    clip = random_init_clip(model)
     del clip.transformer
     return clip
 

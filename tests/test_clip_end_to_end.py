@@ -14,7 +14,7 @@ from conftest import CLIP_CLASSES, CLIP_NAMES
 from taskmerge import checkpoints
 from taskmerge.config import register_configs
 from taskmerge.encoders import create_encoder
-from taskmerge.encoders.clip import ClipClassificationHead, preprocess, zeroshot_weights
+from taskmerge.encoders.clip import ClipClassificationHead, preprocess, random_init_clip, zeroshot_weights
 from taskmerge.analyze import analyze
 from taskmerge.clip_setting import load_zoo
 from taskmerge.experiment import StageTimer, open_pipeline, run_experiment
@@ -98,7 +98,7 @@ def test_missing_inputs_are_reported_before_any_work(clip_data, clip_releases, t
 def test_zeroshot_heads_from_pretrained_weights_replace_the_release_heads(clip_data, clip_releases, clip_cache, tmp_path):
     data, root = clip_data, clip_releases["B"][0]
     torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True, load_weights=False)
+    clip = random_init_clip("ViT-B-32")
     weights = tmp_path / "openai_vit_b32.pt"
     torch.save(clip.state_dict(), weights)
     cfg = _config(data, root, clip_cache, "B", "tasks.heads=zeroshot", f"tasks.zeroshot_weights={weights}")

@@ -34,13 +34,21 @@ class _DropRandomInitWarning(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_random_init() -> Iterator[None]:
-    """Mute open_clip's "initialized randomly" warning: the weights are loaded right after, on purpose."""
+    """Mute open_clip's "initialized randomly" warning (random weights are wanted there)."""
     warning = _DropRandomInitWarning()
     logging.getLogger().addFilter(warning)
     try:
         yield
     finally:
         logging.getLogger().removeFilter(warning)
+
+
+def random_init_clip(model: str, quick_gelu: bool = True) -> nn.Module:
+    """A whole open_clip CLIP (text tower included) with random weights, without open_clip's warning about it:
+    the encoder loads checkpoint weights right after, benchmarks and tests want random ones."""
+    image_size(model)
+    with _quiet_random_init():
+        return open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu, load_weights=False)
 
 
 def to_open_clip_keys(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -69,9 +77,7 @@ class ClipImageEncoder(nn.Module):
 
     def __init__(self, model: str = "ViT-B-32", quick_gelu: bool = True) -> None:
         super().__init__()
-        image_size(model)
-        with _quiet_random_init():
-            self.visual = open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu, load_weights=False).visual
+        self.visual = random_init_clip(model, quick_gelu).visual
         self.visual.output_tokens = True
         self.embed_dim = self.visual.output_dim
         self.patch_size = self.visual.patch_size[0]

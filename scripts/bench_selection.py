@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_module
 from taskmerge.config import register_configs
 from taskmerge.encoders.extract import extract_features
 from taskmerge.experiment import StageTimer, _method_space, open_pipeline
-from taskmerge.run import to_plain
+from taskmerge.config import to_plain
 from taskmerge.selection import evaluation, search
 from taskmerge.selection.tap import compute_tap, teacher_features
 

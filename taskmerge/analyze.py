@@ -16,10 +16,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from taskmerge import checkpoints, plots
+from taskmerge import checkpoints, plots, validation
 from taskmerge.cache import atomic_write_json
 from taskmerge.config import register_configs
-from taskmerge.run import to_plain
+from taskmerge.entry import exit_on_sigterm, user_errors_reported
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ def analyze(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     from taskmerge.experiment import StageTimer, load_setting
     from taskmerge.task_vectors import task_vector_stats
 
+    validation.check_run(cfg)
     setting = load_setting(cfg, StageTimer())
     names = [t.name for t in setting.tasks]
     pretrained = checkpoints.load_state_dict(setting.zoo.base)
@@ -50,8 +51,10 @@ def analyze(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    exit_on_sigterm()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    analyze(to_plain(cfg), run_dir)
+    with user_errors_reported():
+        analyze(validation.resolve(cfg, HydraConfig.get().runtime.choices), run_dir)
     log.info("task-vector analysis in %s", run_dir)
 
 

@@ -14,6 +14,7 @@ import open_clip
 
 from taskmerge import checkpoints, release_zoo
 from taskmerge.encoders.clip import image_size, output_dim, preprocess, pretrained_clip
+from taskmerge.errors import UserError
 from taskmerge.tasks import Task, clip_datasets
 from taskmerge.tasks import clip as clip_tasks
 from taskmerge.zoo import Zoo
@@ -26,25 +27,28 @@ def required_path(tasks_cfg: Mapping[str, Any], key: str) -> Path:
     """`tasks.<key>` as a path, or an error saying the three ways to set it."""
     if tasks_cfg[key] is None:
         option, env = ENVIRONMENT[key]
-        raise ValueError(f"tasks.{key} is not set: pass {option}=DIR, set it in configs/local/, or export {env}")
+        raise UserError(f"tasks.{key} is not set: pass {option}=DIR, set it in configs/local/, or export {env}")
     return Path(tasks_cfg[key])
 
 
 def check_inputs(cfg: Mapping[str, Any]) -> None:
-    """Every user input of a CLIP run exists and fits, or one clear error: encoder kind, paths, dataset
+    """Every user input of a CLIP run exists and fits, or one clear error: dataset names, paths, dataset
     folders (all missing ones listed) and release files (all missing ones listed)."""
     tasks_cfg, encoder_cfg = cfg["tasks"], cfg["encoder"]
-    if encoder_cfg["name"] != "clip":
-        raise ValueError(f"tasks={tasks_cfg['name']} needs a CLIP encoder (encoder=clip_vit_b32 | clip_vit_b16 | "
-                         f"clip_vit_l14), got encoder.name={encoder_cfg['name']!r}")
     names = list(tasks_cfg["names"])
-    clip_datasets.check_layout(names, required_path(tasks_cfg, "data_location"))
+    unknown = [n for n in names if n not in clip_datasets.CLIP20]
+    if unknown:
+        raise UserError(f"tasks.names: unknown CLIP benchmark dataset(s) {unknown}; expected names from {list(clip_datasets.CLIP20)}")
     zeroshot = tasks_cfg["heads"] == "zeroshot"
     if zeroshot and (tasks_cfg["zeroshot_weights"] is None or not Path(tasks_cfg["zeroshot_weights"]).is_file()):
-        raise ValueError(f"tasks.heads=zeroshot needs tasks.zeroshot_weights=PATH to pretrained CLIP weights (text tower); "
-                         f"got {tasks_cfg['zeroshot_weights']!r}")
-    files = release_zoo.release_files(required_path(tasks_cfg, "checkpoints"), encoder_cfg["model"], names, tasks_cfg["format"])
-    release_zoo.check_release(files, encoder_cfg["model"], tasks_cfg["format"], with_heads=not zeroshot)
+        raise UserError(f"tasks.heads=zeroshot needs tasks.zeroshot_weights=PATH to pretrained CLIP weights (text tower); "
+                        f"got {tasks_cfg['zeroshot_weights']!r}")
+    try:
+        clip_datasets.check_layout(names, required_path(tasks_cfg, "data_location"))
+        files = release_zoo.release_files(required_path(tasks_cfg, "checkpoints"), encoder_cfg["model"], names, tasks_cfg["format"])
+        release_zoo.check_release(files, encoder_cfg["model"], tasks_cfg["format"], with_heads=not zeroshot)
+    except FileNotFoundError as error:  # the listing of every missing dataset folder or release file
+        raise UserError(str(error)) from error
 
 
 def load_zoo(cfg: Mapping[str, Any]) -> Zoo:

@@ -1,33 +1,56 @@
 """Typed schemas of every Hydra config group, registered in Hydra's ConfigStore.
 
-Each YAML option under `taskmerge/configs/<group>/` extends its group's schema (`defaults: [<schema>,
-_self_]`), so a misspelled key, a wrong type or a value outside an enum fails at compose time, before
+Each YAML option under `taskmerge/configs/<group>/` extends its group's schema (`defaults:
+[/<group>_<schema>@_here_, _self_]`), so a misspelled key, a wrong type or a value outside an enum fails at compose time, before
 any work starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Optional
+from enum import StrEnum
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from taskmerge.merging import HParam
+from taskmerge.merging._helpers import int_at_least, number_in, one_of, optional
 from taskmerge.method_schemas import METHOD_SCHEMAS
 
 
-class Distance(str, Enum):
+def checked(default: Any, check: Callable[[Any], bool], expected: str) -> Any:
+    """A schema field with a range check, run on the composed config before any work
+    (`taskmerge.validation`); `expected` words the error."""
+    return field(default=default, metadata={"check": HParam(default, check, expected)})
+
+
+def count(default: int, low: int = 1) -> Any:
+    """An integer field that must be at least `low`."""
+    return checked(default, int_at_least(low), f"an integer >= {low}")
+
+
+def positive(default: float) -> Any:
+    """A finite number field that must be > 0 (learning rates)."""
+    return checked(default, number_in(0, float("inf"), low_open=True, high_open=True), "a finite number > 0")
+
+
+def non_negative(default: float) -> Any:
+    """A finite number field that must be >= 0 (weight decay)."""
+    return checked(default, number_in(0, float("inf"), high_open=True), "a finite number >= 0")
+
+
+class Distance(StrEnum):
     l2 = "l2"
     cosine = "cosine"
 
 
-class FeatureKind(str, Enum):
+class FeatureKind(StrEnum):
     tokens = "tokens"
     pooled = "pooled"
 
 
-class SelectorName(str, Enum):
+class SelectorName(StrEnum):
     tap = "tap"
     eval = "eval"
     both = "both"
@@ -39,12 +62,12 @@ class BuiltinViTConfig:
     """The built-in small ViT (timm VisionTransformer)."""
 
     name: str = "builtin_vit"
-    img_size: int = 32
-    patch_size: int = 4
-    embed_dim: int = 96
-    depth: int = 4
-    num_heads: int = 3
-    mlp_ratio: float = 2.0
+    img_size: int = count(32)
+    patch_size: int = count(4)
+    embed_dim: int = count(96)
+    depth: int = count(4)
+    num_heads: int = count(3)
+    mlp_ratio: float = positive(2.0)
 
 
 @dataclass
@@ -58,17 +81,17 @@ class ClipEncoderConfig:
 
 @dataclass
 class PretrainConfig:
-    n_images: int = 8000
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 128
+    n_images: int = count(8000)
+    epochs: int = count(5)
+    lr: float = positive(1e-3)
+    batch_size: int = count(128)
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 20
-    lr: float = 1e-3
-    batch_size: int = 64
+    epochs: int = count(20)
+    lr: float = positive(1e-3)
+    batch_size: int = count(64)
 
 
 @dataclass
@@ -85,21 +108,22 @@ class BuiltinTasksConfig:
 
     name: str = "builtin"
     setting: str = "builtin"
+    encoder_family: str = "builtin_vit"
     names: list[str] = field(default_factory=lambda: ["digits", "textures", "shapes", "scenes"])
-    n_train: int = 1200
-    n_val: int = 300
-    n_test: int = 600
+    n_train: int = count(1200)
+    n_val: int = count(300)
+    n_test: int = count(600)
     image_size: int = "${encoder.img_size}"  # type: ignore[assignment]
     seed: int = 0
     zoo: ZooRecipeConfig = field(default_factory=ZooRecipeConfig)
 
 
-class ReleaseFormat(str, Enum):
+class ReleaseFormat(StrEnum):
     A = "A"
     B = "B"
 
 
-class HeadSource(str, Enum):
+class HeadSource(StrEnum):
     release = "release"
     zeroshot = "zeroshot"
 
@@ -111,14 +135,15 @@ class ClipTasksConfig:
 
     name: str = "clip8"
     setting: str = "clip"
+    encoder_family: str = "clip"
     names: list[str] = MISSING
     data_location: Optional[str] = "${paths.data}"
     checkpoints: Optional[str] = "${paths.checkpoints}"
     format: ReleaseFormat = ReleaseFormat.B
     heads: HeadSource = HeadSource.release
     zeroshot_weights: Optional[str] = None
-    max_eval_images: Optional[int] = None
-    num_workers: int = 4
+    max_eval_images: Optional[int] = checked(None, optional(int_at_least(1)), "null or an integer >= 1")
+    num_workers: int = count(4, low=0)
 
 
 @dataclass
@@ -146,24 +171,24 @@ class AdaMergingMethodConfig:
     """AdaMerging: learn λ (per task, or per task and parameter tensor) with the TAP or entropy loss."""
 
     name: str = "adamerging"
-    granularity: str = "layer"
-    loss: str = "tap"
-    iterations: int = 500
-    lr: float = 1e-3
-    batch_size: int = 16
-    init: Optional[float] = None
-    ema_momentum: float = 0.99
-    n_images: int = 256
+    granularity: str = checked("layer", one_of("layer", "task"), "'layer' or 'task'")
+    loss: str = checked("tap", one_of("tap", "entropy"), "'tap' or 'entropy'")
+    iterations: int = count(500)
+    lr: float = positive(1e-3)
+    batch_size: int = count(16)
+    init: Optional[float] = checked(None, optional(number_in(float("-inf"), float("inf"))), "null or a finite number")
+    ema_momentum: float = checked(0.99, number_in(0, 1, high_open=True), "a number in [0, 1)")
+    n_images: int = count(256)
     search: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
 class TAPConfig:
-    n_samples: int = 128
+    n_samples: int = count(128)
     distance: Distance = Distance.l2
     features: FeatureKind = FeatureKind.pooled
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int = count(256)
 
 
 @dataclass
@@ -181,7 +206,7 @@ class RandomSearchConfig:
     """`n_trials` candidates of the grid, drawn without replacement."""
 
     name: str = "random"
-    n_trials: int = 8
+    n_trials: int = count(8)
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -190,7 +215,7 @@ class OptunaSearchConfig:
     """Optuna TPE over the search lists; the study persists in `optuna.db` of the run directory."""
 
     name: str = "optuna"
-    n_trials: int = 12
+    n_trials: int = count(12)
     seed: int = "${seed}"  # type: ignore[assignment]
     study_name: Optional[str] = None
 
@@ -200,10 +225,10 @@ class DecoderConfig:
     """Decoder re-training protocol on a frozen encoder (Eval and final numbers)."""
 
     name: str = "linear"
-    epochs: int = 30
-    lr: float = 3e-3
-    batch_size: int = 128
-    weight_decay: float = 0.01
+    epochs: int = count(30)
+    lr: float = positive(3e-3)
+    batch_size: int = count(128)
+    weight_decay: float = non_negative(0.01)
 
 
 @dataclass
@@ -211,13 +236,13 @@ class FrozenHeadDecoderConfig:
     """Eval with the setting's frozen heads (CLIP): no decoder training; `batch_size` of the forward passes."""
 
     name: str = "frozen_head"
-    batch_size: int = 256
+    batch_size: int = count(256)
 
 
 @dataclass
 class LoggerConfig:
     name: str = "wandb"
-    mode: str = "offline"
+    mode: str = checked("offline", one_of("offline", "online", "disabled"), "'offline', 'online' or 'disabled'")
     project: str = "taskmerge"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -270,8 +295,20 @@ SCHEMAS: dict[tuple[Optional[str], str], Any] = {
 }
 
 
+def schema_name(group: Optional[str], name: str) -> str:
+    """The root-level ConfigStore name of a group's schema (`method_ta_schema`): kept out of the groups, so a
+    schema is not selectable as an option (`method=ta_schema`) nor listed by `--help`."""
+    return f"{group}_{name}" if group else name
+
+
 def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    """Store every schema in Hydra's ConfigStore at the root (idempotent); options extend it through
+    `defaults: [/<group>_<schema>@_here_, _self_]`."""
     store = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
-        store.store(group=group, name=name, node=node)
+        store.store(name=schema_name(group, name), node=node)
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python values (enums as strings), unchecked (`validation.resolve` checks)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskmerge import checkpoints, merging, plots, report
+from taskmerge import builtin_setting, checkpoints, merging, plots, report, validation
 from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
@@ -142,17 +142,23 @@ def build_tasks(tasks_cfg: Mapping[str, Any]) -> list[Task]:
     return [build_builtin_task(name, *sizes, tasks_cfg["image_size"], tasks_cfg["seed"]) for name in tasks_cfg["names"]]
 
 
+def check_setting_inputs(cfg: Mapping[str, Any]) -> None:
+    """The setting's own checks of the run's inputs (task names, files, encoder fit): cheap, before any work;
+    with several processes every rank runs them, so no rank waits at a barrier for one that failed."""
+    if cfg["tasks"]["setting"] == "clip":
+        from taskmerge import clip_setting  # open_clip and the dataset readers, only for the CLIP benchmark
+
+        clip_setting.check_inputs(cfg)
+    else:
+        builtin_setting.check_inputs(cfg)
+
+
 def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Setting:
     """Build the tasks and get the zoo (the built-in one is built once, then reused; a release is converted
     once); with several processes rank 0 builds or converts it while the others wait."""
     clip = cfg["tasks"]["setting"] == "clip"
     if clip:
-        from taskmerge import clip_setting  # open_clip and the dataset readers, only for the CLIP benchmark
-
-        clip_setting.check_inputs(cfg)
-    elif cfg["encoder"]["name"] != "builtin_vit":
-        raise ValueError(f"tasks={cfg['tasks']['name']} (the built-in benchmark) needs encoder=builtin_vit, "
-                         f"got encoder.name={cfg['encoder']['name']!r}; CLIP encoders go with tasks=clip8 | clip14 | clip20")
+        from taskmerge import clip_setting
     tasks = [] if clip else build_tasks(cfg["tasks"])
     with timer.stage("zoo"):
         if not distributed.is_main:
@@ -236,6 +242,7 @@ def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distri
 
 def run_experiment(cfg: Mapping[str, Any], run_dir: Path, distributed: Distributed = Distributed()) -> dict[str, Any]:
     """Run the configured pipeline in `run_dir` and return the selection summary (written there by rank 0)."""
+    validation.check_run(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     timer, start = StageTimer(), time.perf_counter()

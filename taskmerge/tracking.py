@@ -6,12 +6,57 @@ loses at most the candidate in flight and a restart can skip every finished one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
+import socket
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import IO, Any, Iterator, Mapping, Protocol, Sequence
+
+from taskmerge.cache import atomic_write_text
+from taskmerge.errors import UserError
 
 CANDIDATES = "candidates.jsonl"
+LOCK = ".taskmerge.lock"
+
+
+def _try_lock(run_dir: Path) -> IO[str]:
+    """The open, exclusively locked lock file of `run_dir`, or a `UserError` naming the run that holds it."""
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"hydra.run.dir={run_dir} is in use by another run ({holder}); wait for it to finish or "
+                        f"choose another hydra.run.dir") from None
+    return handle
+
+
+@contextlib.contextmanager
+def run_directory_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir`'s lock for the block: a second run on the same directory is refused instead of
+    appending duplicate rows. The lock is released by the OS if the process dies."""
+    handle = _try_lock(run_dir)
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Refuse early (before Hydra writes into it) a run directory that another run holds."""
+    if (Path(run_dir) / LOCK).is_file():
+        _try_lock(run_dir).close()
 
 
 def candidate_id(method: str, hparams: Mapping[str, Any]) -> str:
@@ -91,7 +136,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class WandbLogger:
     """A W&B run whose files live under the run directory; offline unless `mode=online`.
 
-    The environment variable `WANDB_MODE` (e.g. `disabled` in tests) takes precedence over `mode`.
+    The environment variable `WANDB_MODE` (e.g. `disabled` in tests) takes precedence over `mode`. A restarted
+    run keeps the run id saved in its directory (resumed online) and replaces its earlier offline copy, so
+    `wandb sync` uploads one complete run; the restarted run logs every candidate row again.
     """
 
     def __init__(self, run_dir: Path, config: Mapping[str, Any], project: str, mode: str,
@@ -103,10 +150,18 @@ class WandbLogger:
         import wandb
 
         self._wandb = wandb
+        mode = os.environ.get("WANDB_MODE", mode)
+        id_file = wandb_root / "run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        if mode == "offline":
+            for stale in (wandb_root / "wandb").glob(f"offline-run-*-{run_id}"):
+                shutil.rmtree(stale, ignore_errors=True)
         self.run = wandb.init(
-            project=project, entity=entity, group=group, job_type=job_type, name=name,
-            mode=os.environ.get("WANDB_MODE", mode), dir=str(wandb_root), config=dict(config),
+            project=project, entity=entity, group=group, job_type=job_type, name=name, id=run_id, resume="allow",
+            mode=mode, dir=str(wandb_root), config=dict(config),
         )
+        if mode != "disabled":
+            atomic_write_text(id_file, run_id + "\n")
 
     def log_candidate(self, row: Mapping[str, Any]) -> None:
         self.run.log(_flatten(row))

@@ -18,7 +18,7 @@ from taskmerge.encoders.clip import ClipClassificationHead, preprocess, random_i
 from taskmerge.analyze import analyze
 from taskmerge.clip_setting import load_zoo
 from taskmerge.experiment import StageTimer, open_pipeline, run_experiment
-from taskmerge.run import to_plain
+from taskmerge.config import to_plain
 from taskmerge.tasks import clip_datasets
 from taskmerge.tasks.clip_templates import TEMPLATES
 

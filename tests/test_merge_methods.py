@@ -783,17 +783,13 @@ METHOD_OPTIONS = ["ties", "breadcrumbs", "dare", "consensus", "tsv", "iso_c", "i
 @pytest.mark.parametrize("option", METHOD_OPTIONS)
 def test_method_yaml_composes_and_its_grid_is_valid(option):
     from hydra import compose, initialize_config_module
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     from taskmerge.config import register_configs
     from taskmerge.merging._registry import _check_hparams
-    from taskmerge.method_schemas import METHOD_SCHEMAS
     from taskmerge.selection.search import grid_candidates
 
     register_configs()
-    for (group, name), node in METHOD_SCHEMAS.items():
-        ConfigStore.instance().store(group=group, name=name, node=node)
     with initialize_config_module(config_module="taskmerge.configs", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"method={option}"])
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)

@@ -115,6 +115,11 @@ def builtin_task_names() -> list[str]:
     return list(_BUILTIN)
 
 
+def builtin_task_kind(name: str) -> str:
+    """The decoder kind of a built-in task (classification, segmentation or depth), without generating it."""
+    return _BUILTIN[name][1]
+
+
 def build_builtin_task(name: str, n_train: int, n_val: int, n_test: int, image_size: int, seed: int) -> Task:
     """Generate one built-in task; its data depends only on (name, sizes, image_size, seed)."""
     if name not in _BUILTIN:

@@ -1,0 +1,142 @@
+"""Every user input of a run checked before any work: one `UserError` naming the option, the value and what
+is expected.
+
+Ranges come from one place each: a merge method's `HParam` table (fixed values and every value of its search
+lists), and the `check` metadata of the other schemas' fields (`taskmerge.config.checked`). The setting's
+own checks (task names, data and checkpoint files, encoder family) run last, still before the zoo is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from taskmerge import merging
+from taskmerge.errors import UserError
+
+ADAMERGING = "adamerging"
+SKIPPED_SECTIONS = ("hydra",)
+
+
+def resolve(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The checked config as plain values (enums as strings); `choices` (Hydra's group → option) words the
+    errors as the user typed the options."""
+    choices = dict(choices or {})
+    _check_encoder_family(cfg, choices)
+    sections = [k for k in cfg if k not in SKIPPED_SECTIONS]
+    try:
+        plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, sections), resolve=True, enum_to_str=True)
+    except InterpolationResolutionError as error:
+        raise UserError(f"{error.full_key}: {error.msg}") from error
+    _check_fields(cfg, "")
+    check_run(plain)
+    return plain  # type: ignore[return-value]
+
+
+def _option(choices: Mapping[str, Any], group: str, cfg: Mapping[str, Any]) -> str:
+    return f"{group}={choices.get(group, cfg[group].get('name'))}"
+
+
+def _check_encoder_family(cfg: Mapping[str, Any], choices: Mapping[str, Any]) -> None:
+    """The tasks' setting names the encoder family it needs (`tasks.encoder_family`); checked before the config
+    is resolved, since a task option may refer to fields only its own encoders have."""
+    needed, got = cfg["tasks"].get("encoder_family"), cfg["encoder"].get("name")
+    if needed is not None and needed != got:
+        raise UserError(f"{_option(choices, 'tasks', cfg)} needs an encoder of family {needed!r}, but "
+                        f"{_option(choices, 'encoder', cfg)} is of family {got!r}: choose an encoder whose "
+                        f"encoder.name is {needed!r}")
+
+
+def _check_fields(node: DictConfig, prefix: str) -> None:
+    """Run the `check` of every schema field that declares one, recursively over the config tree."""
+    schema = OmegaConf.get_type(node)
+    checks = ({f.name: f.metadata["check"] for f in dataclasses.fields(schema) if "check" in f.metadata}
+              if dataclasses.is_dataclass(schema) else {})
+    for key in node:
+        if prefix == "" and key in SKIPPED_SECTIONS:
+            continue
+        value = node[key]
+        if isinstance(value, DictConfig):
+            _check_fields(value, f"{prefix}{key}.")
+        elif key in checks and not checks[key].check(value):
+            raise UserError(f"{prefix}{key}={value!r} is invalid; expected {checks[key].expected}")
+
+
+def check_run(cfg: Mapping[str, Any]) -> None:
+    """Checks on the resolved config: encoder family, the method's hyperparameters, the task list, the device,
+    the setting's inputs."""
+    _check_encoder_family(cfg, {})
+    check_method(cfg["method"])
+    check_task_names(cfg["tasks"]["names"])
+    check_device(cfg["device"])
+    from taskmerge.experiment import check_setting_inputs
+
+    check_setting_inputs(cfg)
+
+
+def check_method(method_cfg: Mapping[str, Any]) -> None:
+    """A known method whose fixed values and every searched value pass its `HParam` checks."""
+    name = method_cfg["name"]
+    if name == ADAMERGING:
+        return  # its options are schema fields with their own checks
+    try:
+        cls = merging.get_method(name)
+    except KeyError as error:
+        raise UserError(f"method={name}: unknown merge method; available: {merging.available() + [ADAMERGING]}") from error
+    hparams = cls.hparams
+    search = dict(method_cfg.get("search") or {})
+    for key, value in method_cfg.items():
+        if key in ("name", "search") or value is None:
+            continue
+        _check_hparam(name, hparams, f"method.{key}", key, value)
+    for key, values in search.items():
+        if key in method_cfg and method_cfg[key] is not None:
+            continue  # a fixed value wins over the search list
+        if not isinstance(values, list) or not values:
+            raise UserError(f"method.search.{key}={values!r} is invalid; expected a non-empty list of candidate values")
+        for value in values:
+            _check_hparam(name, hparams, f"method.search.{key}", key, value)
+
+
+def _check_hparam(method: str, hparams: Mapping[str, merging.HParam], option: str, key: str, value: Any) -> None:
+    if key not in hparams:
+        raise UserError(f"{option}: method={method} has no hyperparameter {key!r}; known: {sorted(hparams)}")
+    if not hparams[key].check(value):
+        raise UserError(f"{option}={value!r} is invalid for method={method}; expected {hparams[key].expected}")
+
+
+def check_task_names(names: Any) -> None:
+    """At least one task, each named once (which names exist is the setting's check)."""
+    if not isinstance(names, list) or not names:
+        raise UserError(f"tasks.names={names!r} is invalid; expected a non-empty list of task names")
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise UserError(f"tasks.names={names} names {repeated} more than once; each task may appear once")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(name: str) -> None:
+    """`auto`, or a torch device of a known type that this machine has."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"device={name!r} is not a device; expected auto, cpu, cuda, cuda:N or mps") from error
+    if device.type not in DEVICE_TYPES:
+        raise UserError(f"device={name!r} is not supported; expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={name}: torch sees no CUDA device on this machine; use device=cpu or device=auto")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={name}: MPS is not available on this machine; use device=cpu or device=auto")

@@ -1,20 +1,35 @@
-"""Content-addressed cache keys and atomic text/JSON writes.
+"""Content-addressed cache keys, atomic text/JSON writes, and cache entries that carry a checksum.
 
 A key is the SHA-256 of everything a cached value depends on (configs, fingerprints, tensor bytes),
 serialised canonically, so a stale cache entry cannot be hit: any change gives a different key.
+
+An entry is a file written atomically and then sealed: the SHA-256 of its bytes is recorded beside it
+(`NAME.sha256`). Reading verifies it against that record, so a truncated, zeroed or edited entry is named in a
+`DamagedCacheEntry` warning, removed and recomputed, never used. The check reuses `checkpoints.fingerprint`,
+memoised per process, so each file is hashed at most once per process (the zoo's cache keys hash it anyway).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from taskmerge.checkpoints import atomic_path
+from taskmerge import checkpoints
+
+T = TypeVar("T")
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class DamagedCacheEntry(UserWarning):
+    """A cache entry that failed its checksum or could not be read: it was removed and will be recomputed."""
 
 
 def _feed(digest: "hashlib._Hash", value: Any) -> None:
@@ -45,16 +60,115 @@ def content_key(*parts: Any) -> str:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with checkpoints.atomic_write(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     """Write `data` as indented JSON atomically."""
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def checksum_path(path: str | Path) -> Path:
+    """Where the SHA-256 of the cache entry at `path` is recorded."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def seal(path: str | Path, digest: str | None = None) -> Path:
+    """Record the SHA-256 of the entry just written at `path` beside it (`digest` if the caller already knows
+    it), so later reads can verify its bytes; returns `path`."""
+    path = Path(path)
+    digest = digest or checkpoints.fingerprint(path)
+    atomic_write_text(checksum_path(path), digest + "\n")
+    checkpoints.remember_fingerprint(path, digest)
+    return path
+
+
+def entry_problem(path: str | Path) -> str | None:
+    """None if the entry at `path` matches its recorded SHA-256, else what is wrong with it (for messages)."""
+    path = Path(path)
+    if not path.is_file():
+        return "it is missing"
+    try:
+        recorded = checksum_path(path).read_text().strip()
+    except FileNotFoundError:
+        return "no checksum is recorded beside it (its write was interrupted, or an older taskmerge wrote it)"
+    except OSError as error:
+        return f"its checksum file cannot be read ({error})"
+    try:
+        actual = checkpoints.fingerprint(path)
+    except OSError as error:
+        return f"it cannot be read ({error})"
+    if actual != recorded:
+        return (f"its bytes do not match the checksum recorded when it was written (SHA-256 {actual[:12]}…, "
+                f"recorded {recorded[:12]}…): truncated or modified since")
+    return None
+
+
+def discard(path: str | Path, reason: str) -> None:
+    """Warn that the cache entry at `path` (a file, or a folder of entries) is damaged because of `reason`, and
+    remove it with its checksum so that it is recomputed."""
+    path = Path(path)
+    warnings.warn(f"damaged cache entry {path}: {reason}; removed, it will be recomputed", DamagedCacheEntry, stacklevel=3)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def verified(path: str | Path) -> bool:
+    """True if the entry at `path` exists and matches its recorded SHA-256; False if it is absent, or if it is
+    damaged, which is then warned about (naming it and what is wrong) and removed: the caller recomputes it."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    problem = entry_problem(path)
+    if problem is not None:
+        discard(path, problem)
+    return problem is None
+
+
+def read_entry(path: str | Path, parse: Callable[[Path], T]) -> T | None:
+    """`parse(path)` of an intact entry; None if it is absent or damaged (then already warned about and removed)."""
+    path = Path(path)
+    if not verified(path):
+        return None
+    try:
+        return parse(path)
+    except (OSError, ValueError, SafetensorError) as error:
+        discard(path, f"it cannot be parsed ({type(error).__name__}: {error})")
+        return None
+
+
+def read_text_entry(path: str | Path) -> str | None:
+    """The text of an intact entry, or None (absent or damaged: warned about and removed)."""
+    return read_entry(path, Path.read_text)
+
+
+def read_json_entry(path: str | Path) -> Any | None:
+    """The JSON value of an intact entry, or None (absent or damaged: warned about and removed); so never cache a
+    bare `null`."""
+    return read_entry(path, lambda p: json.loads(p.read_text()))
+
+
+def read_tensors_entry(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of an intact safetensors entry, or None (absent or damaged: warned about and removed)."""
+    return read_entry(path, lambda p: load_file(str(p)))
+
+
+def write_text_entry(path: str | Path, text: str) -> Path:
+    """Write `text` atomically as a cache entry and seal it."""
+    return seal(atomic_write_text(path, text))
+
+
+def write_json_entry(path: str | Path, data: Any) -> Path:
+    """Write `data` as JSON atomically as a cache entry and seal it."""
+    return seal(atomic_write_json(path, data))
+
+
+def write_tensors_entry(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` as safetensors atomically as a cache entry and seal it."""
+    return seal(checkpoints.save_state_dict(path, tensors, metadata))

@@ -7,11 +7,14 @@ import json
 import math
 import os
 import pickle
-import tempfile
+import secrets
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from taskmerge.legacy_pickle import load_legacy
@@ -19,12 +22,62 @@ from taskmerge.legacy_pickle import load_legacy
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 
 
-def atomic_path(path: Path) -> Path:
-    """A fresh temporary path beside `path`, so that `os.replace` onto `path` is atomic."""
+def _hidden_sibling(path: str | Path) -> Path:
+    """A fresh hidden name `.NAME.<random>.tmp` beside `path` (its folder created), so a rename onto `path` is
+    atomic; the name is chosen before anything is created, so cleanup code always knows what to remove."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+
+
+@contextmanager
+def temporary_path(beside: str | Path) -> Iterator[Path]:
+    """A new empty file beside `beside`, created as `open` would (mode 0o666 less the umask, unlike mkstemp's
+    0600), removed on leaving the block unless it was renamed away, whatever ends the block (an error, or
+    SIGTERM turned into SystemExit)."""
+    tmp = _hidden_sibling(beside)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def temporary_dir(beside: str | Path) -> Iterator[Path]:
+    """A new hidden folder beside `beside`, created as `mkdir` would (mode 0o777 less the umask, unlike mkdtemp's
+    0700), removed with its content on leaving the block unless it was renamed away."""
+    tmp = _hidden_sibling(beside)
+    try:
+        tmp.mkdir(0o777)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def umask() -> int:
+    """The process's umask, read from /proc/self/status; elsewhere set and restored (which could race with a
+    thread creating files meanwhile, hence the last resort)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write `path`'s new content to; when the block ends normally it gets the mode a new
+    file gets (0o666 less the umask, whatever mode the writer gave it: safetensors writes 0600) and is renamed
+    onto `path`, otherwise it is removed, so readers never see a half-written file."""
+    with temporary_path(path) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
 
 
 def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,22 +95,31 @@ def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write `state_dict` as safetensors via a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         save_file(_unshared(state_dict), str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
+
+
+class UnreadableCheckpoint(OSError):
+    """A checkpoint file that exists but cannot be read (truncated, damaged, or not what its suffix says)."""
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read weights from safetensors, a tensor-only `.pt/.pth` state dict, or a legacy pickled model object
-    (through the restricted unpickler of `taskmerge.legacy_pickle`, which never runs pickled code)."""
+    (through the restricted unpickler of `taskmerge.legacy_pickle`, which never runs pickled code); a damaged
+    file raises UnreadableCheckpoint naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return _load(path)
+    except (SafetensorError, RuntimeError, EOFError, OSError) as error:
+        raise UnreadableCheckpoint(f"{path}: cannot read this checkpoint ({type(error).__name__}: {error}); "
+                                   "is it truncated or damaged?") from error
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in `path`, by suffix (see `load_state_dict`)."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
     if path.suffix in (".pt", ".pth", ".bin"):

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from taskmerge.checkpoints import atomic_path  # noqa: E402
+from taskmerge.checkpoints import atomic_write  # noqa: E402
 
 
 def _label(hparams: Mapping[str, Any]) -> str:
@@ -53,13 +53,14 @@ def plot_tap_vs_eval(
 
 
 def _save(fig: "plt.Figure", path: str | Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    tmp = atomic_path(path)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    """Write `fig` as PNG through the atomic-write path (no torn file, the umask's permissions) and close it."""
+    try:
+        fig.tight_layout()
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_layer_norms(layers: Sequence[str], layer_norms: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:

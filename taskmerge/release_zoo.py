@@ -4,12 +4,12 @@ Every release file is checked first (one error lists all missing files and the e
 converted once into a content-addressed safetensors file under `cache_dir/release/` — keys mapped to
 open_clip 3.x, pickles read through the restricted unpickler — so later runs read them lazily. An
 index maps each source's (path, size, mtime, inode, ctime) to its converted file, so unchanged sources are
-not reread.
+not reread. Converted files and the index are checksummed cache entries: a damaged one is reported and
+converted again; a damaged release file is the user's, and is named in the error.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +18,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from taskmerge import checkpoints
-from taskmerge.cache import atomic_write_json, content_key
+from taskmerge.cache import content_key, read_json_entry, seal, verified, write_json_entry
 from taskmerge.encoders.clip import ClipClassificationHead, to_open_clip_keys
 from taskmerge.zoo import Zoo
 
 FORMATS = ("A", "B")
-INDEX = "index.json"
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: converted files and the index carry checksums
+INDEX = f"index.v{CONVERSION_VERSION}.json"
 
 
 @dataclass(frozen=True)
@@ -71,35 +71,32 @@ def _source_id(path: Path, mapping: Callable) -> str:
     """Identity of a source file's current version: a copy that keeps the mtime (`cp -p`, rsync) still gets a
     new inode or ctime, so a replaced checkpoint is always converted again."""
     stat = path.resolve().stat()
-    return (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}|{mapping.__name__}"
-            f"|v{CONVERSION_VERSION}")
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}|{mapping.__name__}"
 
 
 def convert(source: Path, cache_dir: str | Path, mapping: Callable[[dict[str, torch.Tensor], str], Mapping[str, torch.Tensor]]) -> Path:
     """The converted safetensors of `source`, named by the SHA-256 of its bytes (equal weights share one file),
-    converting it first if the index has no entry for the source's current version. Its fingerprint is
-    registered, never recomputed."""
+    converting it first if the index has no intact entry for the source's current version."""
     folder = Path(cache_dir) / "release"
-    index_path = folder / INDEX
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     source_id = _source_id(source, mapping)
-    known = index.get(source_id)
-    if known and (folder / f"{known}.safetensors").is_file():
-        target = folder / f"{known}.safetensors"
-    else:
-        state = mapping(checkpoints.load_state_dict(source), str(source))
-        staging = checkpoints.atomic_path(folder / f"{source.name}.safetensors")
-        try:
-            checkpoints.save_state_dict(staging, state)
-            target = folder / f"{checkpoints.fingerprint(staging)}.safetensors"
-            os.replace(staging, target)
-        finally:
-            staging.unlink(missing_ok=True)
-        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-        index[source_id] = target.stem
-        atomic_write_json(index_path, index)
-    checkpoints.remember_fingerprint(target, target.stem)
+    known = (read_json_entry(folder / INDEX) or {}).get(source_id)
+    if known and verified(folder / f"{known}.safetensors"):
+        return folder / f"{known}.safetensors"
+    target = _save_content_addressed(folder, mapping(checkpoints.load_state_dict(source), str(source)))
+    index = read_json_entry(folder / INDEX) or {}
+    index[source_id] = target.stem
+    write_json_entry(folder / INDEX, index)
     return target
+
+
+def _save_content_addressed(folder: Path, state: Mapping[str, torch.Tensor]) -> Path:
+    """Save `state` under `folder` as `<sha256 of its bytes>.safetensors`, sealed with that checksum."""
+    with checkpoints.temporary_path(folder / "conversion.safetensors") as staging:
+        checkpoints.save_state_dict(staging, state)
+        digest = checkpoints.fingerprint(staging)
+        target = folder / f"{digest}.safetensors"
+        os.replace(staging, target)
+    return seal(target, digest)
 
 
 def encoder_mapping(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

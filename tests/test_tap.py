@@ -64,12 +64,12 @@ def test_teacher_cache_hit_and_keys(tmp_path):
     first = teacher_features(load, ckpt_a, images, "pooled", {"name": "toy"}, cache)
     again = teacher_features(load, ckpt_a, images, "pooled", {"name": "toy"}, cache)
     assert torch.equal(first, again) and len(calls) == 1, "second call must be served from the cache"
-    assert len(list((cache / "teacher").iterdir())) == 1
+    assert len(list((cache / "teacher").glob("*.safetensors"))) == 1
 
     other_images = teacher_features(load, ckpt_a, images + 1, "pooled", {"name": "toy"}, cache)
     other_ckpt = teacher_features(load, ckpt_b, images, "pooled", {"name": "toy"}, cache)
     other_kind = teacher_features(load, ckpt_a, images, "tokens", {"name": "toy"}, cache)
-    assert len(calls) == 4 and len(list((cache / "teacher").iterdir())) == 4
+    assert len(calls) == 4 and len(list((cache / "teacher").glob("*.safetensors"))) == 4
     assert not torch.equal(other_images, first) and not torch.equal(other_ckpt, first)
     assert other_kind.shape == (4, 3, 2)
 

@@ -4,7 +4,8 @@ and each fine-tuned (teacher) encoder's features on a few unlabeled images of th
 TAP_t = mean_x d(f_θ(x), f_θt(x)); TAP = mean_t TAP_t. Lower is better. `d` is the Euclidean distance
 (`l2`) or the cosine distance 1 − cos (`cosine`); on token features it is computed per patch token and
 averaged over tokens (prefix tokens are excluded by the encoder contract). Teacher features are
-computed once and cached on disk under a content hash of checkpoint, images and feature spec.
+computed once and cached on disk under a content hash of checkpoint, images and feature spec, as a
+checksummed cache entry (a damaged one is reported and recomputed).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskmerge import checkpoints
-from taskmerge.cache import content_key
+from taskmerge.cache import content_key, read_tensors_entry, write_tensors_entry
 from taskmerge.encoders.extract import extract_features
 
 DISTANCES = ("l2", "cosine")
-TEACHER_CACHE_VERSION = 1
+TEACHER_CACHE_VERSION = 2  # 2: entries carry a checksum
 
 
 def dissimilarity(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
@@ -54,14 +55,15 @@ def teacher_features(
     """Features of the fine-tuned encoder at `checkpoint` on `images`, read from or written to the cache.
 
     The key hashes the checkpoint's bytes, the images' bytes, the feature kind and the encoder spec, so
-    changing any of them computes fresh features.
+    changing any of them computes fresh features; a cached file that fails its checksum is recomputed.
     """
     key = content_key("teacher", TEACHER_CACHE_VERSION, checkpoints.fingerprint(checkpoint), images, kind, dict(encoder_spec))
     path = Path(cache_dir) / "teacher" / f"{key[:32]}.safetensors"
-    if path.is_file():
-        return checkpoints.load_state_dict(path)["features"]
+    cached = read_tensors_entry(path)
+    if cached is not None:
+        return cached["features"]
     features = extract_features(load_encoder(checkpoint), images, kind, batch_size)
-    checkpoints.save_state_dict(path, {"features": features})
+    write_tensors_entry(path, {"features": features})
     return features
 
 

@@ -15,14 +15,14 @@ from torch import nn
 from torch.utils.data import Subset
 
 from taskmerge import checkpoints
-from taskmerge.cache import content_key
+from taskmerge.cache import content_key, verified, write_tensors_entry
 from taskmerge.encoders.clip import ClipClassificationHead, zeroshot_weights
 from taskmerge.tasks import SPLITS, DatasetSplit, Task
 from taskmerge.tasks import clip_datasets
 from taskmerge.tasks.clip_templates import TEMPLATES
 from taskmerge.tasks.metrics import Accuracy
 
-ZEROSHOT_CACHE_VERSION = 1
+ZEROSHOT_CACHE_VERSION = 2  # 2: cached heads carry a checksum
 
 
 def _capped(dataset: torch.utils.data.Dataset, cap: int | None, seed: int) -> torch.utils.data.Dataset:
@@ -61,17 +61,17 @@ def zeroshot_heads(load_clip: Callable[[], tuple[nn.Module, Callable]], names: S
                    cache_dir: str | Path, model_id: Mapping[str, Any]) -> dict[str, Path]:
     """Zero-shot heads built from the text tower of the CLIP that `load_clip` returns (with its tokenizer), from
     each dataset's class names and templates; cached as safetensors keyed by `model_id` (weights fingerprint,
-    architecture, QuickGELU, open_clip version), the class names and the templates. `load_clip` runs only if
-    some head is not cached."""
+    architecture, QuickGELU, open_clip version), the class names and the templates, with a checksum (a damaged
+    head is reported and rebuilt). `load_clip` runs only if some head is not cached."""
     paths: dict[str, Path] = {}
     clip: tuple[nn.Module, Callable] | None = None
     for name in names:
         classnames = clip_datasets.classnames(name, root)
         key = content_key("zeroshot", ZEROSHOT_CACHE_VERSION, dict(model_id), name, classnames, list(TEMPLATES[name]))
         path = Path(cache_dir) / "heads" / f"{key[:32]}.safetensors"
-        if not path.is_file():
+        if not verified(path):
             clip = clip or load_clip()
             weight = zeroshot_weights(*clip, classnames, TEMPLATES[name])
-            checkpoints.save_state_dict(path, {"weight": weight, "bias": torch.zeros(len(weight))})
+            write_tensors_entry(path, {"weight": weight, "bias": torch.zeros(len(weight))})
         paths[name] = path
     return paths

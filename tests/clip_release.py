@@ -1,9 +1,11 @@
 """Random-init CLIP checkpoints saved exactly as the releases save them (checkpoints.md §1), for the tests.
 
-Format A pickles a whole `src.modeling.ImageEncoder` whose CLIP uses open_clip 2.0.2 class paths
-(`open_clip.model.VisualTransformer`, …): the real open_clip 3.x classes are given those old names only
-while saving, so the files name classes that no longer exist. Format B is a plain state dict. Heads are
-pickled `ClassificationHead(torch.nn.Linear)` objects with a `normalize` attribute.
+Format A pickles a whole `src.modeling.ImageEncoder` with the attributes the release's class sets: the CLIP
+as open_clip builds it (text transformer deleted), `train_preprocess` / `val_preprocess` transforms of real
+torchvision classes and open_clip's `_convert_to_rgb` function, and `cache_dir`. Its CLIP uses open_clip
+2.0.2 class paths (`open_clip.model.VisualTransformer`, …): the real open_clip 3.x classes are given those
+old names only while saving, so the files name classes that no longer exist. Format B is a plain state dict.
+Heads are pickled `ClassificationHead(torch.nn.Linear)` objects with a `normalize` attribute.
 """
 
 from __future__ import annotations
@@ -17,21 +19,35 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transform import _convert_to_rgb
 from torch import nn
+from torchvision import transforms
 
 from taskmerge.encoders.clip import random_init_clip
 
 OLD_NAMES = {"VisionTransformer": "VisualTransformer"}
 
 
+def release_preprocess(train: bool, image_size: int = 224) -> transforms.Compose:
+    """The transform open_clip 2.0.2's `create_model_and_transforms` gave the releases: a random resized crop
+    (train) or a resize and centre crop (val), bicubic, then RGB, tensor and OpenAI mean/std."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    crop = ([transforms.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=bicubic)] if train else
+            [transforms.Resize(image_size, interpolation=bicubic), transforms.CenterCrop(image_size)])
+    return transforms.Compose([*crop, _convert_to_rgb, transforms.ToTensor(),
+                               transforms.Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)])
+
+
 class ImageEncoder(nn.Module):
-    """Stand-in for the releases' `src.modeling.ImageEncoder`: a CLIP without its text transformer."""
+    """Stand-in for the releases' `src.modeling.ImageEncoder`: a CLIP without its text transformer, and the
+    attributes the release's `__init__` sets (its transforms and `cache_dir`), which a format A pickle holds."""
 
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
         self.model = clip
-        self.train_preprocess = self.val_preprocess = None
-        self.cache_dir = None
+        self.train_preprocess, self.val_preprocess = release_preprocess(True), release_preprocess(False)
+        self.cache_dir = "/data/cache"
 
 
 class ClassificationHead(nn.Linear):

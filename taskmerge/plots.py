@@ -4,6 +4,7 @@ cosine similarities (paper Fig. 6, 12–14). Every figure is written atomically 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -13,6 +14,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from taskmerge.checkpoints import atomic_write  # noqa: E402
+
+
+# A transformer block: `blocks.N` (timm ViTs) or `transformer.resblocks.N` (CLIP), possibly under a prefix.
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|resblocks)\.(\d+)$")
+# Parameters before the first block: patch/token/position embeddings, class token, CLIP's conv1 and ln_pre.
+_EMBEDDING = re.compile(r"embed|cls_token|reg_token|class_embedding|conv1|ln_pre")
+
+
+def depth_order(layer: str) -> tuple[int, int, str]:
+    """Sort key of a layer by depth: embedding parameters first, then blocks by number, then the rest (final
+    norm, head, projections)."""
+    block = _BLOCK.search(layer)
+    if block:
+        return 1, int(block.group(1)), layer
+    return (0 if _EMBEDDING.search(layer) else 2), 0, layer
 
 
 def _label(hparams: Mapping[str, Any]) -> str:
@@ -64,16 +80,25 @@ def _save(fig: "plt.Figure", path: str | Path) -> Path:
 
 
 def plot_layer_norms(layers: Sequence[str], layer_norms: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
-    """Norm of every task vector per layer, one line per task (log scale when norms span a decade)."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers)), 3.8))
+    """Norm of every task vector per layer, layers in depth order; per task a line joins the blocks and the other
+    layers (embeddings before, final norm and head after) are lone markers, since no curve runs through them
+    (log scale when norms span a decade)."""
+    order = sorted(layers, key=depth_order)
+    blocks = [i for i, layer in enumerate(order) if _BLOCK.search(layer)]
+    others = [i for i, layer in enumerate(order) if not _BLOCK.search(layer)]
+    longest = max((len(layer) for layer in order), default=0)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(order)), 3.0 + 0.06 * longest))  # room for the slanted names
     for task, norms in layer_norms.items():
-        ax.plot(range(len(layers)), [norms[layer] for layer in layers], marker="o", ms=3, label=task)
+        (line,) = ax.plot(blocks, [norms[order[i]] for i in blocks], marker="o", ms=3, label=task)
+        ax.plot(others, [norms[order[i]] for i in others], linestyle="none", marker="D", ms=4, color=line.get_color())
+    if blocks and others:
+        ax.plot([], [], linestyle="none", marker="D", ms=4, color="grey", label="outside the blocks")
     values = [v for norms in layer_norms.values() for v in norms.values() if v > 0]
     if values and max(values) > 10 * min(values):
         ax.set_yscale("log")
-    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("‖τ_t‖₂ per layer")
-    ax.set_title("task-vector norms per layer")
+    ax.set_title("task-vector norms per layer (by depth)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)

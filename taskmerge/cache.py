@@ -123,7 +123,7 @@ def verified(path: str | Path) -> bool:
     """True if the entry at `path` exists and matches its recorded SHA-256; False if it is absent, or if it is
     damaged, which is then warned about (naming it and what is wrong) and removed: the caller recomputes it."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         return False
     problem = entry_problem(path)
     if problem is not None:

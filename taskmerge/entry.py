@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,14 +50,14 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 
 def check_writable(directory: Path, option: str) -> None:
-    """`directory` exists and is writable, or can be created under its nearest existing parent."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{option}={directory}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{option}={directory}: {existing} is not writable by this user; choose another {option}")
+    """`directory` exists or can be created, and a file can be written in it (tried, not inferred from mode
+    bits, which root ignores)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise UserError(f"{option}={directory} cannot be written ({error.strerror or error}); choose another {option}") from None
 
 
 class CheckInputs(Callback):

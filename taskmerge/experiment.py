@@ -4,10 +4,9 @@ selection → decoders re-trained on the selected encoder → test metrics → o
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from taskmerge import builtin_setting, checkpoints, merging, plots, report, validation
-from taskmerge.cache import atomic_write_json, atomic_write_text, content_key
+from taskmerge.cache import (atomic_write_json, content_key, read_json_entry, read_tensors_entry, read_text_entry,
+                             write_json_entry, write_tensors_entry, write_text_entry)
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.encoders import encoder_from_spec
@@ -26,10 +26,10 @@ from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
 from taskmerge.tasks import SPLITS, Task, build_builtin_task
-from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger
+from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger, run_directory_lock
 from taskmerge.zoo import Zoo, get_builtin_zoo
 
-REFERENCE_CACHE_VERSION = 1
+REFERENCE_CACHE_VERSION = 2
 
 
 @contextmanager
@@ -182,8 +182,9 @@ def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache
                       Path(evaluation.__file__).read_text())
     path = Path(cache_dir) / "references" / f"{key[:32]}.json"
     distributed.barrier()
-    if path.is_file():
-        return json.loads(path.read_text())
+    cached = read_json_entry(path)
+    if cached is not None:
+        return cached
     base = setting.load_encoder(setting.zoo.base)
     splits = ("val", "test")
     part = {}
@@ -199,7 +200,7 @@ def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache
               for kind in ("base", "finetuned", "finetuned_frozen")}
     if not distributed.is_main:
         return result
-    atomic_write_json(path, result)
+    write_json_entry(path, result)
     return result
 
 
@@ -241,10 +242,15 @@ def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distri
 
 
 def run_experiment(cfg: Mapping[str, Any], run_dir: Path, distributed: Distributed = Distributed()) -> dict[str, Any]:
-    """Run the configured pipeline in `run_dir` and return the selection summary (written there by rank 0)."""
+    """Check the inputs, then run the configured pipeline in `run_dir` (locked by rank 0 against a second run)
+    and return the selection summary (written there by rank 0)."""
     validation.check_run(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_directory_lock(run_dir) if distributed.is_main else nullcontext():
+        return _run_pipeline(cfg, run_dir, distributed)
+
+
+def _run_pipeline(cfg: Mapping[str, Any], run_dir: Path, distributed: Distributed) -> dict[str, Any]:
     timer, start = StageTimer(), time.perf_counter()
     method, selector = cfg["method"]["name"], cfg["selector"]["name"]
     if method == ADAMERGING:
@@ -299,8 +305,8 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     key = content_key("adamerging", setting.zoo.key, setting.data_identity(), dict(method_cfg), cfg["seed"],
                       Path(adamerging.__file__).read_text())
     pipeline.distributed.barrier()
-    if (out / "merged.safetensors").is_file() and (out / "key.txt").is_file() and (out / "key.txt").read_text() == key:
-        return LearnedMerger(ADAMERGING, hparams, checkpoints.load_state_dict(out / "merged.safetensors"))
+    if read_text_entry(out / "key.txt") == key and (learned := read_tensors_entry(out / "merged.safetensors")) is not None:
+        return LearnedMerger(ADAMERGING, hparams, learned)
     base = checkpoints.load_state_dict(setting.zoo.base)
     encoder = setting.new_encoder(base)
     # λ is learned over the encoder's own weights (a release's text leftovers have no module to call)
@@ -325,8 +331,8 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
         "coefficients": result.coefficients.tolist(), "losses": result.losses, "seconds": result.seconds,
     })
     plots.plot_coefficients(rows, result.coefficients.tolist(), names, out / "coefficients.png")
-    checkpoints.save_state_dict(out / "merged.safetensors", result.merged)
-    atomic_write_text(out / "key.txt", key)
+    write_tensors_entry(out / "merged.safetensors", result.merged)
+    write_text_entry(out / "key.txt", key)  # last: the key vouches for the learned weights
     return LearnedMerger(ADAMERGING, hparams, result.merged)
 
 
@@ -360,6 +366,8 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
         key = candidate_id(method, hparams)
         if key in done or key in rows:
             row = done.get(key) or rows[key]
+            if key not in rows and pipeline.distributed.is_main:
+                logger.log_candidate(row)  # a resumed run's W&B run holds every candidate, restored ones too
         else:
             seconds: dict[str, float] = {}
             row = {"method": method, "hparams": hparams}
@@ -407,10 +415,18 @@ def _objective(row: Mapping[str, Any], selector: str) -> float | None:
     return -row["eval"]["normalized"] if selector == "eval" else row["tap"]["mean"]
 
 
+def _test_metrics(pipeline: Pipeline, merged: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Test metrics of the merged weights (`metrics`: per task and `normalized`) and the normalized score per task."""
+    encoder = pipeline.setting.new_encoder(merged)
+    tasks = pipeline.setting.tasks
+    test = evaluation.evaluate_encoder(encoder, tasks, "test", pipeline.protocol, pipeline.distributed)
+    normalized = evaluation.normalize_scores(test, pipeline.refs["finetuned"]["test"], tasks)
+    return {"metrics": {**test, "normalized": normalized["normalized"]}, "per_task": {t.name: normalized[t.name] for t in tasks}}
+
+
 def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     """Pick the candidate, re-train decoders on it, evaluate on test and build `selection.json`."""
-    cfg, setting, merger, protocol, refs, timer = (pipeline.cfg, pipeline.setting, pipeline.merger, pipeline.protocol,
-                                                   pipeline.refs, pipeline.timer)
+    cfg, setting, merger, protocol, timer = pipeline.cfg, pipeline.setting, pipeline.merger, pipeline.protocol, pipeline.timer
     method = merger.method
     selected: dict[str, Any] = {}
     if selector in ("tap", "both", "frozen_decoder"):
@@ -419,27 +435,30 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
         selected["eval"] = search.pick_by_eval(rows)["hparams"]
     if selector == "frozen_decoder":
         selected["frozen_decoder"] = search.pick_by_frozen(rows)["hparams"]
-    final_hparams = selected["tap" if selector == "both" else selector]
+    final_by = "tap" if selector == "both" else selector
+    final_hparams = selected[final_by]
     final_row = next(r for r in rows if r["hparams"] == final_hparams)
     with timer.stage("final"):
         merged = merger(final_hparams)
-        encoder = setting.new_encoder(merged)
-        test = evaluation.evaluate_encoder(encoder, setting.tasks, "test", protocol, pipeline.distributed)
-        normalized = evaluation.normalize_scores(test, refs["finetuned"]["test"], setting.tasks)
+        final = _test_metrics(pipeline, merged)
     if cfg["save_merged"] and pipeline.distributed.is_main:
         checkpoints.save_state_dict(run_dir / "merged_encoder.safetensors", merged, metadata={"method": method, "hparams": str(final_hparams)})
     selection: dict[str, Any] = {
         "method": method,
         "selector": selector,
         "selected": selected,
+        "final_by": final_by,
         "selected_tap": final_row["tap"],
-        "final": {**test, "normalized": normalized["normalized"]},
-        "final_normalized_per_task": {t.name: normalized[t.name] for t in setting.tasks},
+        "final": final.pop("metrics"),
+        "final_normalized_per_task": final["per_task"],
         "normalization": "merged/fine-tuned for higher-is-better metrics, fine-tuned/merged for lower-is-better ones",
         "evaluation": ("the frozen heads of the release" if isinstance(protocol, evaluation.FrozenHeadProtocol)
                        else "decoders re-trained on each frozen encoder"),
         "failed_candidates": [{"hparams": r["hparams"], "error": r["error"]} for r in rows if r.get("error")],
     }
+    if selector == "both" and selected["eval"] != final_hparams:  # what choosing by Eval would have given on test
+        with timer.stage("final"):
+            selection["final_eval_pick"] = _test_metrics(pipeline, merger(selected["eval"]))["metrics"]
     if selector in ("both", "frozen_decoder"):
         selection["agreement"] = search.agreement(rows)
         selection["agreement_per_task"] = {t.name: search.task_agreement(rows, t.name) for t in setting.tasks}

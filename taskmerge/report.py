@@ -14,24 +14,36 @@ from taskmerge.tasks import Task
 from taskmerge.tasks.metrics import normalized
 
 
-def summary_rows(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any]) -> list[list[str]]:
-    """Per task: metric, base, fine-tuned, merged (test) and normalized base/merged; then the mean."""
+def summary_header(selection: Mapping[str, Any], with_eval_pick: bool = True) -> list[str]:
+    """Columns of the final table (its title names the pick `merged` is); with selector=both and another Eval
+    pick (and `with_eval_pick`), that pick's test metrics too."""
+    header = ["task", "metric", "base", "fine-tuned", "merged", "base (norm.)", "merged (norm.)"]
+    return header + (["Eval pick", "Eval pick (norm.)"] if with_eval_pick and "final_eval_pick" in selection else [])
+
+
+def summary_rows(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any],
+                 with_eval_pick: bool = True) -> list[list[str]]:
+    """Per task: metric, base, fine-tuned, merged (test) and normalized base/merged (and the Eval pick's); then
+    the mean."""
     base, ft, final = refs["base"]["test"], refs["finetuned"]["test"], selection["final"]
+    other = selection.get("final_eval_pick") if with_eval_pick else None
     rows, base_norm = [], []
     for t in tasks:
         arrow = "↑" if t.higher_is_better else "↓"
         base_norm.append(normalized(base[t.name], ft[t.name], t.higher_is_better))
-        rows.append([t.name, f"{t.metric_name} {arrow}", f"{base[t.name]:.2f}", f"{ft[t.name]:.2f}", f"{final[t.name]:.2f}",
-                     f"{base_norm[-1]:.3f}", f"{selection['final_normalized_per_task'][t.name]:.3f}"])
+        row = [t.name, f"{t.metric_name} {arrow}", f"{base[t.name]:.2f}", f"{ft[t.name]:.2f}", f"{final[t.name]:.2f}",
+               f"{base_norm[-1]:.3f}", f"{selection['final_normalized_per_task'][t.name]:.3f}"]
+        if other:
+            row += [f"{other[t.name]:.2f}", f"{normalized(other[t.name], ft[t.name], t.higher_is_better):.3f}"]
+        rows.append(row)
     metrics = {t.metric_name for t in tasks}
     if len(metrics) == 1:  # one metric for every task (CLIP: accuracy): its plain mean, as papers report it
-        means = [sum(column[t.name] for t in tasks) / len(tasks) for column in (base, ft, final)]
-        rows.append(["mean", f"{metrics.pop()} {'↑' if tasks[0].higher_is_better else '↓'}", *[f"{m:.2f}" for m in means], "", ""])
-    rows.append(["mean", "normalized ↑", "", "", "", f"{sum(base_norm) / len(base_norm):.3f}", f"{final['normalized']:.3f}"])
+        columns = (base, ft, final, other) if other else (base, ft, final)
+        means = [f"{sum(column[t.name] for t in tasks) / len(tasks):.2f}" for column in columns]
+        rows.append(["mean", f"{metrics.pop()} {'↑' if tasks[0].higher_is_better else '↓'}", *means[:3], "", "", *means[3:], *([""] if other else [])])
+    rows.append(["mean", "normalized ↑", "", "", "", f"{sum(base_norm) / len(base_norm):.3f}", f"{final['normalized']:.3f}",
+                 *(["", f"{other['normalized']:.3f}"] if other else [])])
     return rows
-
-
-SUMMARY_HEADER = ["task", "metric", "base", "fine-tuned", "merged", "base (norm.)", "merged (norm.)"]
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -62,13 +74,17 @@ def candidate_table(tasks: Sequence[Task], rows: Sequence[Mapping[str, Any]]) ->
 def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any]) -> None:
     """Print the final table, the selected hyperparameters and the time spent per stage."""
     console = Console()
-    table = Table(title=f"{selection['method']} selected by {selection['selector']}: test metrics ({selection['evaluation']})")
-    for name in SUMMARY_HEADER:
+    table = Table(title=f"merged = {selection['method']}, {selection['final_by']} pick (selector={selection['selector']}): "
+                        f"test metrics ({selection['evaluation']})")
+    for name in summary_header(selection, with_eval_pick=False):  # the console is narrow: the Eval pick on a line below
         table.add_column(name, justify="left" if name in ("task", "metric") else "right")
-    for row in summary_rows(tasks, selection, refs):
+    for row in summary_rows(tasks, selection, refs, with_eval_pick=False):
         table.add_row(*row)
     console.print(table)
     console.print(f"selected: {json.dumps(selection['selected'])}")
+    if "final_eval_pick" in selection:
+        console.print(f"the Eval pick {json.dumps(selection['selected']['eval'])} would give normalized "
+                      f"{selection['final_eval_pick']['normalized']:.3f} on test (report.md has it per task)")
     for failure in selection["failed_candidates"]:
         console.print(f"[yellow]ignored failed candidate {json.dumps(failure['hparams'])}: {failure['error']}[/yellow]")
     if "agreement" in selection:
@@ -86,8 +102,8 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
         f"# taskmerge report: {selection['method']} on {cfg['tasks']['name']} ({cfg['encoder']['name']})",
         f"Selector: **{selection['selector']}**. Selected: `{json.dumps(selection['selected'])}`.",
         f"TAP: distance `{cfg['tap']['distance']}`, features `{cfg['tap']['features']}`, {cfg['tap']['n_samples']} unlabeled images per task.",
-        f"## Test metrics ({selection['evaluation']})",
-        _markdown_table(SUMMARY_HEADER, summary_rows(tasks, selection, refs)),
+        f"## Test metrics (merged = the {selection['final_by']} pick; {selection['evaluation']})",
+        _markdown_table(summary_header(selection), summary_rows(tasks, selection, refs)),
         f"Normalized performance: {selection['normalization']}.",
         "## Candidates",
         _markdown_table(*candidate_table(tasks, rows)),

@@ -12,13 +12,13 @@ from hydra import compose, initialize_config_module
 
 from conftest import CLIP_CLASSES, CLIP_NAMES
 from taskmerge import checkpoints
-from taskmerge.config import register_configs
+from taskmerge.config import register_configs, to_plain
 from taskmerge.encoders import create_encoder
 from taskmerge.encoders.clip import ClipClassificationHead, preprocess, random_init_clip, zeroshot_weights
 from taskmerge.analyze import analyze
 from taskmerge.clip_setting import load_zoo
+from taskmerge.errors import UserError
 from taskmerge.experiment import StageTimer, open_pipeline, run_experiment
-from taskmerge.config import to_plain
 from taskmerge.tasks import clip_datasets
 from taskmerge.tasks.clip_templates import TEMPLATES
 
@@ -82,15 +82,15 @@ def test_clip_entropy_adamerging_uses_the_frozen_heads(clip_data, clip_releases,
 def test_missing_inputs_are_reported_before_any_work(clip_data, clip_releases, tmp_path):
     data, root = clip_data, clip_releases["B"][0]
     cfg = _config(tmp_path / "empty", root, tmp_path / "cache", "B")
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(UserError) as error:
         run_experiment(cfg, tmp_path / "run")
     assert all(name in str(error.value) for name in CLIP_NAMES)
     cfg = _config(data, root, tmp_path / "cache", "B", "paths.data=null")
     with pytest.raises(ValueError, match="paths.data=DIR"):
         run_experiment(cfg, tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match=r"7 checkpoint file\(s\) missing"):
+    with pytest.raises(UserError, match=r"7 checkpoint file\(s\) missing"):
         run_experiment(_config(data, root, tmp_path / "cache", "A"), tmp_path / "run")  # B's files, read as format A
-    with pytest.raises(ValueError, match="needs a CLIP encoder"):
+    with pytest.raises(UserError, match="needs an encoder of family 'clip'"):
         run_experiment(_config(data, root, tmp_path / "cache", "B", "encoder=builtin_vit"), tmp_path / "run")
     assert not (tmp_path / "cache").exists(), "nothing is converted or cached before the inputs are checked"
 

@@ -52,7 +52,10 @@ def test_selector_both_end_to_end_and_resume(tmp_path, cache_dir):
     assert cost["eval_seconds"] > 0 and cost["speedup"] > 0
     assert (run_dir / "report.md").read_text().startswith("# taskmerge report")
     assert (run_dir / "plots" / "tap_vs_eval.png").stat().st_size > 10_000
-    assert "fine-tuned" in first.stdout and "selected" in first.stdout
+    assert "fine-tuned" in first.stdout and "selected" in first.stdout and "merged = ta, tap pick (selector=both)" in first.stdout
+    assert selection["final_by"] == "tap"
+    if best_eval["hparams"] != best_tap["hparams"]:  # the report shows what the Eval pick gives on test beside it
+        assert set(selection["final_eval_pick"]) == set(selection["final"]) and "| Eval pick |" in (run_dir / "report.md").read_text()
     zoos = list((cache_dir / "zoo").iterdir())
     assert len(zoos) == 1
 
@@ -86,7 +89,7 @@ def test_missing_task_name_fails_with_clear_error(tmp_path, cache_dir):
     cmd = [sys.executable, "-m", "taskmerge.run", *TINY_OVERRIDES, f"hydra.run.dir={tmp_path}", "tasks.names=[digits,nosuchtask]"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "unknown built-in task 'nosuchtask'" in result.stderr
+    assert "tasks.names: unknown task(s) ['nosuchtask']" in result.stderr
 
 
 def test_failed_candidate_is_recorded_and_ignored(tmp_path, cache_dir):

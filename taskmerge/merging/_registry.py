@@ -111,6 +111,9 @@ def prepare(method: str, pretrained: Source, finetuned: Sequence[Source], **fixe
     """
     cls = get_method(method)
     _check_hparams(cls, fixed)
+    if isinstance(finetuned, (str, Path, Mapping)):
+        raise TypeError(f"finetuned must be a list of checkpoints (paths or state dicts), one per task; got one "
+                        f"{type(finetuned).__name__}: {str(finetuned)[:200]}")
     pretrained = open_state_dict(pretrained)
     finetuned = [open_state_dict(model) for model in finetuned]
     validate_checkpoints(pretrained, finetuned)

@@ -44,6 +44,8 @@ class SearchStrategy(Protocol):
 
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
 
+    def __len__(self) -> int: ...
+
     def report(self, hparams: Mapping[str, Any], objective: float | None) -> None: ...
 
 
@@ -57,6 +59,9 @@ class GridSearch:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.candidates)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
 
     def report(self, hparams: Mapping[str, Any], objective: float | None) -> None:
         return None
@@ -93,6 +98,10 @@ class OptunaSearch:
             sampler=optuna.samplers.TPESampler(seed=seed),
         )
         self._trial: Any = None
+
+    def __len__(self) -> int:
+        """Trials in all (a replayed trial counts): the progress bar's total."""
+        return self.n_trials
 
     def _finished(self) -> int:
         import optuna

@@ -23,9 +23,10 @@ def natural_key(name: str) -> list:
 
 def layer_of(key: str) -> str:
     """The layer a parameter belongs to: the key up to its first numeric component
-    (`blocks.3.attn.qkv.weight` → `blocks.3`), else its first component (`patch_embed.proj.weight` → `patch_embed`)."""
+    (`blocks.3.attn.qkv.weight` → `blocks.3`), else its module (`visual.conv1.weight` → `visual.conv1`), so
+    parameters held directly by a container (`visual.class_embedding`, `visual.proj`) stay apart."""
     match = _LAYER.match(key)
-    return match.group(1) if match else key.split(".")[0]
+    return match.group(1) if match else re.sub(r"\.(weight|bias)$", "", key)
 
 
 @dataclass(frozen=True)

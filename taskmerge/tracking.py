@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import shutil
+import secrets
 import socket
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Protocol, Sequence
@@ -152,7 +153,7 @@ class WandbLogger:
         self._wandb = wandb
         mode = os.environ.get("WANDB_MODE", mode)
         id_file = wandb_root / "run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
         if mode == "offline":
             for stale in (wandb_root / "wandb").glob(f"offline-run-*-{run_id}"):
                 shutil.rmtree(stale, ignore_errors=True)

@@ -18,12 +18,13 @@ def _layers(keys):
 def test_builtin_layers_in_depth_order():
     layers = _layers(encoder_from_spec(BUILTIN).state_dict())
     assert sorted(layers, key=plots.depth_order) == [
-        "cls_token", "patch_embed", "pos_embed", *[f"blocks.{i}" for i in range(12)], "norm"]
+        "cls_token", "patch_embed.proj", "pos_embed", *[f"blocks.{i}" for i in range(12)], "norm"]
 
 
 def test_clip_blocks_in_numeric_order_between_embeddings_and_the_rest():
     ordered = sorted(_layers(CLIP_KEYS), key=plots.depth_order)
-    assert ordered == ["token_embedding", *[f"visual.transformer.resblocks.{i}" for i in (0, 2, 10)], "ln_final", "visual"]
+    assert ordered == ["token_embedding", "visual.class_embedding", "visual.conv1", "visual.ln_pre",
+                       *[f"visual.transformer.resblocks.{i}" for i in (0, 2, 10)], "ln_final", "visual.ln_post", "visual.proj"]
 
 
 def test_only_blocks_are_joined_by_lines(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_layer_names():
     assert layer_of("blocks.3.attn.qkv.weight") == "blocks.3"
     assert layer_of("visual.transformer.resblocks.11.ln_1.weight") == "visual.transformer.resblocks.11"
-    assert layer_of("patch_embed.proj.weight") == "patch_embed"
+    assert layer_of("patch_embed.proj.weight") == "patch_embed.proj"
+    assert layer_of("visual.class_embedding") == "visual.class_embedding" and layer_of("visual.conv1.weight") == "visual.conv1"
     assert layer_of("cls_token") == "cls_token"
 
 

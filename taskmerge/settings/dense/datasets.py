@@ -173,7 +173,8 @@ class NYUDepth(Dataset):
         check_layout(["nyu"], root)
         base = Path(root).expanduser() / "nyu"
         split_file = base / f"nyu_{split}.txt"
-        self.pairs = [_split_line(line, base, split_file) for line in split_file.read_text().splitlines() if line.strip()]
+        lines = [line for line in split_file.read_text().splitlines() if line.strip()]
+        self.pairs = [_split_line(line, base, split_file) for line in lines]
         self.split, self.root, self.image_size, self.crop, self.target = split, base, image_size, crop, target
 
     def __len__(self) -> int:

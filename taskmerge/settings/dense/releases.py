@@ -55,7 +55,7 @@ def read_release(path: str | Path) -> Release:
     path = Path(path)
     container = _load_object(path)
     state, state_key = _state_dict_of(container, path)
-    canonical, names, layout = _canonicalize(state, path)
+    canonical, names, layout = canonicalize(state, path)
     if path.suffix == ".safetensors":
         layout = "safetensors"
     return Release(path, layout, canonical, container, state_key, names)
@@ -107,8 +107,9 @@ def _state_dict_of(container: Any, path: Path) -> tuple[Mapping[str, torch.Tenso
                     "(expected DUNE's {model, args, iter}, Multi-HMR's {model_state_dict, …} or a plain state dict)")
 
 
-def _canonicalize(state: Mapping[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """Canonical tensors, canonical -> file names, and the layout found from the key prefixes."""
+def canonicalize(state: Mapping[str, torch.Tensor], path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Canonical tensors, canonical -> original names, and the layout ('dune', 'multihmr', 'dinov2') found from
+    the key prefixes of a state dict read from `path` (named in errors)."""
     stripped = {_WRAPPERS.sub(r"\1", key): key for key in state}
     layout = _layout_from_keys(stripped, path)
     prefix = _PREFIXES[layout]
@@ -127,7 +128,7 @@ def _canonicalize(state: Mapping[str, torch.Tensor], path: Path) -> tuple[dict[s
     return canonical, names, layout
 
 
-def _layout_from_keys(keys: Mapping[str, str], path: Path) -> str:
+def _layout_from_keys(keys: Mapping[str, str], path: str | Path) -> str:
     """'multihmr', 'dune' or 'dinov2' from where `cls_token` sits; a folded timm dict or no encoder is refused."""
     for layout in ("multihmr", "dune", "dinov2"):
         if _PREFIXES[layout] + "cls_token" in keys:

@@ -54,7 +54,7 @@ def test_nyu_reads_back_metres_and_eval_box(root):
     image, depth = full[0]
     raw = np.asarray(PIL.Image.open(root / "nyu" / "bathroom" / "sync_depth_00002.png"))
     assert raw.dtype == np.uint16 and raw.shape == (480, 640)
-    assert image.shape == (3, SIZE, round(SIZE * 640 / 480))
+    assert image.shape == (3, SIZE, int(SIZE * 640 / 480))
     assert depth.dtype == torch.float32 and torch.equal(depth, torch.from_numpy(raw.astype(np.float32) / 1000))
     assert depth[:10].eq(0).all() and 1.0 < depth[240, 320] < 10.0 and depth.max() < 10.0
     assert full.eval_box() == ds.EIGEN_CROP
@@ -132,3 +132,20 @@ def test_bad_options_are_user_errors(root):
         ds.ADE20k(root, "test", SIZE)
     with pytest.raises(UserError, match="target"):
         ds.NYUDepth(root, "test", SIZE, target="full")
+
+
+def test_preprocess_is_dunes_test_transform():
+    from torchvision.transforms import v2 as T
+
+    dune = T.Compose([T.ToImage(), T.Resize(SIZE, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(SIZE), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean=list(ds.IMAGENET_MEAN), std=list(ds.IMAGENET_STD))])
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    out = ds.preprocess(image, SIZE)
+    assert type(out) is torch.Tensor and torch.equal(out, dune(image).as_subclass(torch.Tensor))
+    assert ds.preprocess(image, SIZE, crop=False).shape == (3, SIZE, 43)  # torchvision truncates 43.6
+
+
+def test_reduce_zero_label_as_mmseg():
+    raw = np.array([[0, 1, 2], [150, 255, 7]], dtype=np.uint8)
+    assert ds._reduce_zero_label(raw).tolist() == [[255, 0, 1], [149, 255, 6]]

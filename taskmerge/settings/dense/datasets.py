@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from taskmerge.errors import UserError
@@ -103,22 +103,25 @@ def _shown_box(height: int, width: int, crop: bool) -> tuple[int, int, int, int]
 
 
 def preprocess(image: PIL.Image.Image, size: int, crop: bool = True) -> torch.Tensor:
-    """DUNE's test transform: short side → `size` (bicubic, antialias), centre crop `size` unless `crop=False`,
-    ImageNet mean/std; returns `[3, H, W]` float32."""
-    image = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    """DUNE's test transform (`data/transform.py`, torchvision v2 on the uint8 image): short side → `size`
+    (bicubic, antialias), centre crop `size` unless `crop=False`, ImageNet mean/std; returns `[3, H, W]` float32."""
+    pixels = TF.resize(TF.to_image(image.convert("RGB")), size, interpolation=TF.InterpolationMode.BICUBIC,
+                       antialias=True)
     if crop:
-        image = TF.center_crop(image, size)
-    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+        pixels = TF.center_crop(pixels, size)
+    return TF.normalize(TF.to_dtype(pixels, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD).as_subclass(
+        torch.Tensor)
 
 
 def _target(array: np.ndarray, size: int, crop: bool, mode: str) -> np.ndarray:
-    """A dense target matching the preprocessed image: original resolution (cut to the shown region) or its grid."""
+    """A dense target matching the preprocessed image: original resolution (cut to the shown region) or its grid
+    (nearest neighbours, the same resize and crop as the image)."""
     if mode == "original":
         top, bottom, left, right = _shown_box(*array.shape, crop)
         return array[top:bottom, left:right]
-    pil = PIL.Image.fromarray(array)
-    pil = TF.resize(pil, size, interpolation=TF.InterpolationMode.NEAREST)
-    return np.asarray(TF.center_crop(pil, size) if crop else pil)
+    grid = TF.resize(torch.from_numpy(np.ascontiguousarray(array))[None], size,
+                     interpolation=TF.InterpolationMode.NEAREST)
+    return (TF.center_crop(grid, size) if crop else grid)[0].numpy()
 
 
 def _check_options(image_size: int, target: str) -> None:
@@ -127,6 +130,13 @@ def _check_options(image_size: int, target: str) -> None:
         raise UserError(f"image_size must be positive, got {image_size}")
     if target not in ("original", "input"):
         raise UserError(f"target must be 'original' or 'input', got {target!r}")
+
+
+def _reduce_zero_label(raw: np.ndarray) -> np.ndarray:
+    """mmseg's `reduce_zero_label`: 0 ("other") → 255 ignored, every other label − 1, 255 stays ignored."""
+    labels = raw - np.uint8(1)  # 0 wraps to 255
+    labels[labels == 254] = IGNORE_INDEX
+    return labels
 
 
 class ADE20k(Dataset):
@@ -151,8 +161,7 @@ class ADE20k(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = np.asarray(_open(self.labels[i]), dtype=np.uint8)
-        labels = np.where(raw == 0, IGNORE_INDEX, raw.astype(np.int64) - 1).astype(np.uint8)
+        labels = _reduce_zero_label(np.asarray(_open(self.labels[i]), dtype=np.uint8))
         labels = _target(labels, self.image_size, self.crop, self.target)
         return preprocess(_open(self.images[i]), self.image_size, self.crop), torch.from_numpy(labels.astype(np.int64))
 

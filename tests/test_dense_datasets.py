@@ -149,3 +149,13 @@ def test_preprocess_is_dunes_test_transform():
 def test_reduce_zero_label_as_mmseg():
     raw = np.array([[0, 1, 2], [150, 255, 7]], dtype=np.uint8)
     assert ds._reduce_zero_label(raw).tolist() == [[255, 0, 1], [149, 255, 6]]
+
+
+def test_nyu_split_lines_without_depth_are_skipped_and_bad_lines_named(tmp_path):
+    base = demo_data.write_nyu_tree(tmp_path, n_train=2, n_test=1, seed=2)
+    split = base / "nyu_train.txt"
+    split.write_text(split.read_text() + "/kitchen_0028b/rgb_00099.jpg None 518.8579\n")
+    assert len(ds.NYUDepth(tmp_path, "train", SIZE)) == 2
+    split.write_text("/kitchen_0028b/rgb_00099.jpg\n")
+    with pytest.raises(UserError, match="nyu_train.txt"):
+        ds.NYUDepth(tmp_path, "train", SIZE)

@@ -172,7 +172,10 @@ class ADE20k(Dataset):
 
 
 class NYUDepth(Dataset):
-    """NYU depth v2 `train` or `test` items `(image, float32 depth in metres)` from the BTS split files."""
+    """NYU depth v2 `train` or `test` items `(image, float32 depth in metres)` from the BTS split files.
+
+    As the Monocular-Depth-Estimation-Toolbox: lines whose depth is `None` are skipped, items sorted by image path.
+    """
 
     def __init__(self, root: str | Path, split: str, image_size: int = 448, crop: bool = True,
                  target: str = "original") -> None:
@@ -182,8 +185,8 @@ class NYUDepth(Dataset):
         check_layout(["nyu"], root)
         base = Path(root).expanduser() / "nyu"
         split_file = base / f"nyu_{split}.txt"
-        lines = [line for line in split_file.read_text().splitlines() if line.strip()]
-        self.pairs = [_split_line(line, base, split_file) for line in lines]
+        pairs = [_split_line(line, base, split_file) for line in split_file.read_text().splitlines() if line.strip()]
+        self.pairs = sorted(pair for pair in pairs if pair is not None)
         self.split, self.root, self.image_size, self.crop, self.target = split, base, image_size, crop, target
 
     def __len__(self) -> int:
@@ -207,11 +210,14 @@ class NYUDepth(Dataset):
                 "crop": self.crop, "target": self.target}
 
 
-def _split_line(line: str, base: Path, split_file: Path) -> tuple[Path, Path]:
-    """(image, depth) paths of one BTS split-file line `/scene/rgb_X.jpg /scene/sync_depth_X.png focal`."""
+def _split_line(line: str, base: Path, split_file: Path) -> tuple[Path, Path] | None:
+    """(image, depth) paths of one BTS split-file line `/scene/rgb_X.jpg /scene/sync_depth_X.png focal`,
+    relative to `nyu/`; None for a line without depth (`... None ...`)."""
     fields = line.split()
     if len(fields) != 3:
         raise UserError(f"{split_file}: expected 'image depth focal' per line, got {line!r}")
+    if fields[1] == "None":
+        return None
     return base / fields[0].lstrip("/"), base / fields[1].lstrip("/")
 
 

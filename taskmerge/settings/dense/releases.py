@@ -30,7 +30,7 @@ Layout = Literal["dune", "dinov2", "multihmr", "safetensors"]
 LAYOUTS: tuple[str, ...] = ("dune", "dinov2", "multihmr", "safetensors")
 
 _PREFIXES = {"multihmr": "backbone.encoder.", "dune": "encoder.", "dinov2": ""}
-_WRAPPERS = re.compile(r"(^|\.)(?:module|_orig_mod)\.")  # DDP and torch.compile prefixes, as DUNE strips them
+_WRAPPERS = re.compile(r"(?<![^.])(?:module|_orig_mod)\.")  # DDP and torch.compile prefixes, as DUNE strips them
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DUNE's `block_chunks=1` names: blocks.0.i.
 _PLAIN_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _REQUIRED = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight")
@@ -110,7 +110,7 @@ def _state_dict_of(container: Any, path: Path) -> tuple[Mapping[str, torch.Tenso
 def canonicalize(state: Mapping[str, torch.Tensor], path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """Canonical tensors, canonical -> original names, and the layout ('dune', 'multihmr', 'dinov2') found from
     the key prefixes of a state dict read from `path` (named in errors)."""
-    stripped = {_WRAPPERS.sub(r"\1", key): key for key in state}
+    stripped = {_WRAPPERS.sub("", key): key for key in state}
     layout = _layout_from_keys(stripped, path)
     prefix = _PREFIXES[layout]
     canonical: dict[str, torch.Tensor] = {}
@@ -175,8 +175,12 @@ def export(canonical: Mapping[str, torch.Tensor], layout: str, path: str | Path,
         container = _fresh(canonical, layout)
     if layout == "safetensors":
         return save_state_dict(path, container, metadata={"format": "pt", "layout": "dinov2-canonical"})
-    with atomic_write(path) as tmp:
-        torch.save(container, tmp)
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(container, tmp)
+    except pickle.PicklingError as error:
+        raise UserError(f"{template.path if template else path}: cannot write this release: its container holds objects "
+                        f"read as inert placeholders ({error}); export without a template") from error
     return path
 
 

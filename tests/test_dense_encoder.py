@@ -97,18 +97,22 @@ def test_feature_contract_shapes() -> None:
 
 
 def test_position_cache_follows_weights() -> None:
-    """The per-grid cache is reused, and refreshed when pos_embed is overwritten (a new merge loaded)."""
+    """The per-grid cache is reused, refreshed when pos_embed is overwritten or replaced (a new merge loaded),
+    and bypassed when gradients flow to pos_embed."""
     encoder = _tiny()
     images = torch.randn(1, 3, 70, 70)
     with torch.no_grad():
         first = encoder.features(images)
         assert (5, 5) in encoder._pos_cache
         encoder.pos_embed.mul_(2)
-        second = encoder.features(images)
+        doubled = encoder.features(images)
         encoder.pos_embed.div_(2)
-        third = encoder.features(images)
-    assert not torch.allclose(first, second)
-    torch.testing.assert_close(first, third)
+        torch.testing.assert_close(encoder.features(images), first)
+        encoder.pos_embed = torch.nn.Parameter(encoder.pos_embed * 2)
+        torch.testing.assert_close(encoder.features(images), doubled)
+    assert not torch.allclose(first, doubled)
+    encoder.features(images).sum().backward()
+    assert encoder.pos_embed.grad is not None and encoder.pos_embed.grad.abs().sum() > 0
 
 
 def test_resample_rules() -> None:

@@ -106,20 +106,20 @@ class DenseViT(VisionTransformer):
         self.patch_size = PATCH_SIZE
         self.grid_size = (image_size // PATCH_SIZE, image_size // PATCH_SIZE)
         self.interpolation = interpolation
-        self._pos_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        self._pos_cache: dict[tuple[int, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def _patch_positions(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Patch position embeddings for `grid`, cached per grid until `pos_embed` changes (not under autograd)."""
+        """Patch position embeddings for `grid`, cached per grid while `pos_embed` is the same tensor at the same
+        version (the cache holds it, so a replaced one can never be mistaken for it); not cached under autograd."""
         pos = self.pos_embed
         patch_pos = pos if self.no_embed_class else pos[:, 1:]
         if pos.requires_grad and torch.is_grad_enabled():
             return resample_grid(patch_pos, grid, self.interpolation)
-        stamp = (pos.data_ptr(), pos._version, pos.dtype, pos.device)
         cached = self._pos_cache.get(grid)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, resample_grid(patch_pos.detach(), grid, self.interpolation))
+        if cached is None or cached[0] is not pos or cached[1] != pos._version:
+            cached = (pos, pos._version, resample_grid(patch_pos.detach(), grid, self.interpolation))
             self._pos_cache[grid] = cached
-        return cached[1]
+        return cached[2]
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add position embeddings to NHWC patch tokens and prepend CLS (and registers), as the source does."""

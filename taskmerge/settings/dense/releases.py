@@ -154,10 +154,15 @@ def check_same_grid(checkpoints: Mapping[str, Mapping[str, torch.Tensor]]) -> in
     """The common position grid side of named canonical state dicts; refuse a mismatch, naming each grid."""
     grids = {name: pos_grid(state) for name, state in checkpoints.items()}
     if len(set(grids.values())) > 1:
-        listed = ", ".join(f"{name}: {side}x{side} ({side * 14} px)" for name, side in grids.items())
+        listed = ", ".join(f"{name}: {side}x{side} ({side * _patch(checkpoints[name])} px)" for name, side in grids.items())
         raise UserError(f"position-embedding grids differ ({listed}); merging needs every checkpoint on the base's "
                         "grid (resample them to it first)")
     return next(iter(grids.values()))
+
+
+def _patch(canonical: Mapping[str, torch.Tensor]) -> int:
+    """Patch size of a canonical state dict, from its patch-embedding kernel."""
+    return canonical["patch_embed.proj.weight"].shape[-1]
 
 
 def export(canonical: Mapping[str, torch.Tensor], layout: str, path: str | Path, template: Release | None = None) -> Path:
@@ -214,7 +219,7 @@ def _fresh(canonical: Mapping[str, torch.Tensor], layout: str) -> Any:
 
 def _dune_args(canonical: Mapping[str, torch.Tensor]) -> argparse.Namespace:
     """DUNE's `args` for an encoder-only file: image size from the position grid, registers from the weights."""
-    patch = canonical["patch_embed.proj.weight"].shape[-1]
+    patch = _patch(canonical)
     registers = canonical["register_tokens"].shape[1] if "register_tokens" in canonical else 0
     enc_args: dict[str, Any] = {"patch_size": patch, "num_register_tokens": registers}
     arch = _DUNE_ARCHS.get(canonical["cls_token"].shape[-1])

@@ -150,3 +150,19 @@ def test_factory_and_losses_by_name():
     assert dense_loss("linear_seg") is segmentation_loss and isinstance(dense_loss("dpt"), SigLoss)
     with pytest.raises(ValueError, match="unknown dense decoder"):
         build_dense_decoder("mask2former", DIM)
+
+
+def test_packed_features_round_trip_and_train_with_the_generic_loop():
+    from taskmerge.decoders.training import train_module
+    from taskmerge.settings.dense.decoders import PackedInput, pack_features, unpack_features
+
+    features = _features(2, batch=8)
+    packed = pack_features(features)
+    assert packed.shape == (8, 2, DIM, GRID[0] * GRID[1] + 1)
+    unpacked = unpack_features(packed, GRID)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(features, unpacked))
+    labels = F.interpolate(features[-1][0][:, :3], scale_factor=14, mode="nearest").argmax(1)
+    torch.manual_seed(0)
+    history = train_module(PackedInput(LinearSegHead(DIM, num_classes=3), GRID), packed, labels, segmentation_loss,
+                           epochs=6, lr=0.05, batch_size=4, seed=0)
+    assert history[-1] < 0.8 * history[0]

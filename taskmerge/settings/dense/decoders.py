@@ -34,12 +34,17 @@ FEATURE_SPECS = {
 
 
 class LinearSegHead(nn.Module):
-    """ADE20k linear head: BatchNorm over the last layer's patch map, then a 1×1 conv to class logits."""
+    """ADE20k linear head: BatchNorm over the last layer's patch map, then a 1×1 conv to class logits.
+
+    As DINOv2's ADE20k linear config: no dropout, the conv initialised as mmseg's (normal, std 0.01, zero bias).
+    """
 
     def __init__(self, embed_dim: int, num_classes: int = ADE_NUM_CLASSES) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(embed_dim)
         self.conv_seg = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, features: Features) -> torch.Tensor:
         """Logits `[B, C, h, w]` at the patch grid of the last feature layer."""
@@ -229,6 +234,28 @@ class DPTHead(nn.Module):
         for block, skip in zip(self.fusion_blocks[1:], reversed(maps[:-1])):
             out = block(out, skip)
         return torch.relu(self.conv_depth(self.project(out))) + self.min_depth
+
+
+def pack_features(features: Features) -> torch.Tensor:
+    """One tensor `[B, L, D, h·w + 1]` holding every layer's patch map and (last) cls token, so cached features
+    can be indexed by sample like any tensor (e.g. by `taskmerge.decoders.training.train_module`)."""
+    return torch.stack([torch.cat([patch.flatten(2), cls[:, :, None]], dim=2) for patch, cls in features], dim=1)
+
+
+def unpack_features(packed: torch.Tensor, grid: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (patch map `[B, D, h, w]`, cls `[B, D]`) pairs of `pack_features`' output for an `h × w` patch grid."""
+    return [(packed[:, i, :, :-1].unflatten(2, grid), packed[:, i, :, -1]) for i in range(packed.shape[1])]
+
+
+class PackedInput(nn.Module):
+    """Runs a dense decoder on packed features (`pack_features`), for training loops that take one input tensor."""
+
+    def __init__(self, decoder: nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.decoder, self.grid = decoder, tuple(grid)
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        return self.decoder(unpack_features(packed, self.grid))
 
 
 def load_dinov2_head(head: nn.Module, checkpoint: Mapping[str, torch.Tensor]) -> None:

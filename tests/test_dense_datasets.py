@@ -159,3 +159,14 @@ def test_nyu_split_lines_without_depth_are_skipped_and_bad_lines_named(tmp_path)
     split.write_text("/kitchen_0028b/rgb_00099.jpg\n")
     with pytest.raises(UserError, match="nyu_train.txt"):
         ds.NYUDepth(tmp_path, "train", SIZE)
+
+
+def test_bedlam_closeups_are_turned_upright(tmp_path):
+    folder = tmp_path / "BEDLAM" / "training" / "20221011_1_250_batch01hand_closeup_suburb_a" / "png" / "seq_000000"
+    folder.mkdir(parents=True)
+    (tmp_path / "BEDLAM" / "validation").mkdir()
+    pixels = np.zeros((40, 20, 3), dtype=np.uint8)
+    pixels[:, :10] = 255  # left half white: upright, the top half is white
+    PIL.Image.fromarray(pixels).save(folder / "seq_000000_0000.png")
+    image, _ = ds.bedlam_images(tmp_path, "train", SIZE)[0]
+    assert image.shape == (3, SIZE, SIZE) and image[:, : SIZE // 2 - 2].mean() > image[:, SIZE // 2 + 2 :].mean()

@@ -14,7 +14,7 @@ Held-out validation subsets of a train split (the ablation protocol's model sele
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,33 +222,47 @@ def _split_line(line: str, base: Path, split_file: Path) -> tuple[Path, Path] | 
 
 
 class ImageFiles(Dataset):
-    """Label-free items `(image, index)` of a sorted list of image files (BEDLAM, MapFree: TAP's images)."""
+    """Label-free items `(image, index)` of a sorted list of image files (BEDLAM, MapFree: TAP's images).
 
-    def __init__(self, name: str, split: str, paths: list[Path], image_size: int, root: Path) -> None:
+    `upright` names the files stored sideways, turned by −90° before preprocessing (BEDLAM's close-ups).
+    """
+
+    def __init__(self, name: str, split: str, paths: list[Path], image_size: int, root: Path,
+                 upright: Callable[[Path], bool] | None = None) -> None:
         _check_options(image_size, "original")
         if not paths:
             raise UserError(f"{name} {split}: no images under {root} (expected {LAYOUTS[name]})")
         self.name, self.split, self.paths, self.image_size, self.root = name, split, paths, image_size, root
+        self.upright = upright
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return preprocess(_open(self.paths[i]), self.image_size), i
+        image = _open(self.paths[i])
+        if self.upright is not None and self.upright(self.paths[i]):
+            image = image.rotate(-90, expand=True)
+        return preprocess(image, self.image_size), i
 
     def description(self) -> dict[str, Any]:
         """What a cache key hashes for this split."""
         return {"dataset": self.name, "split": self.split, "root": str(self.root), "image_size": self.image_size}
 
 
+def _bedlam_closeup(path: Path) -> bool:
+    """Whether a BEDLAM frame is a close-up, stored rotated (Multi-HMR `datasets/bedlam.py` turns it by −90°)."""
+    return "closeup" in str(path)
+
+
 def bedlam_images(root: str | Path, split: str, image_size: int = 448) -> ImageFiles:
-    """BEDLAM `train` or `val` frames, sorted by path."""
+    """BEDLAM `train` or `val` frames, sorted by path, close-ups turned upright."""
     folder = {"train": "training", "val": "validation"}.get(split)
     if folder is None:
         raise UserError(f"BEDLAM split must be 'train' or 'val', got {split!r}")
     check_layout(["bedlam"], root)
     base = Path(root).expanduser() / "BEDLAM" / folder
-    return ImageFiles("bedlam", split, sorted(base.glob("*/png/seq_*/seq_*.png")), image_size, base)
+    paths = sorted(base.glob("*/png/seq_*/seq_*.png"))
+    return ImageFiles("bedlam", split, paths, image_size, base, upright=_bedlam_closeup)
 
 
 def mapfree_images(root: str | Path, split: str, image_size: int = 448) -> ImageFiles:

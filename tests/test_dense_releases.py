@@ -229,3 +229,5 @@ def test_position_grids_must_match(tmp_path: Path) -> None:
     assert check_same_grid({"base.pth": base, "ft.pth": _tiny_canonical(seed=2)}) == 4
     with pytest.raises(UserError, match=r"base\.pth: 4x4 \(56 px\), ft\.pth: 5x5 \(70 px\)"):
         check_same_grid({"base.pth": base, "ft.pth": other})
+    with pytest.raises(UserError, match=r"odd\.pth: pos_embed holds 15 patch positions"):
+        check_same_grid({"base.pth": base, "odd.pth": {**base, "pos_embed": torch.randn(1, 16, DIM)}})

@@ -141,18 +141,18 @@ def _layout_from_keys(keys: Mapping[str, str], path: str | Path) -> str:
                     f"DINOv2 names (cls_token, pos_embed, blocks.N.*); found {len(keys)} tensors such as {sample}")
 
 
-def pos_grid(canonical: Mapping[str, torch.Tensor]) -> int:
+def pos_grid(canonical: Mapping[str, torch.Tensor], source: str = "the state dict") -> int:
     """Side M of the square patch-position grid of a canonical state dict (`pos_embed` is `[1, 1+M*M, D]`)."""
     count = canonical["pos_embed"].shape[1] - 1
     side = math.isqrt(count)
     if side * side != count:
-        raise UserError(f"pos_embed holds {count} patch positions, not a square grid")
+        raise UserError(f"{source}: pos_embed holds {count} patch positions, not a square grid")
     return side
 
 
 def check_same_grid(checkpoints: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
     """The common position grid side of named canonical state dicts; refuse a mismatch, naming each grid."""
-    grids = {name: pos_grid(state) for name, state in checkpoints.items()}
+    grids = {name: pos_grid(state, name) for name, state in checkpoints.items()}
     if len(set(grids.values())) > 1:
         listed = ", ".join(f"{name}: {side}x{side} ({side * _patch(checkpoints[name])} px)" for name, side in grids.items())
         raise UserError(f"position-embedding grids differ ({listed}); merging needs every checkpoint on the base's "

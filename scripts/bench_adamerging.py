@@ -16,7 +16,7 @@ import sys
 
 CHILD = """
 import sys, time, torch
-from taskmerge.encoders import create_encoder
+from taskmerge.settings import create_encoder
 from taskmerge.selection.adamerging import AdaMergingConfig, learn
 tasks, steps = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)

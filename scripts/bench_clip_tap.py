@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from taskmerge.encoders import create_encoder
-from taskmerge.encoders.clip import random_init_clip
+from taskmerge.settings import create_encoder
+from taskmerge.settings.clip.encoder import random_init_clip
 from taskmerge.selection.tap import compute_tap
 
 

@@ -9,35 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from taskmerge.merging import HParam
-from taskmerge.merging._helpers import int_at_least, number_in, one_of, optional
+from taskmerge.config_fields import checked, count, schema_from
+from taskmerge.selection.adamerging import AdaMergingConfig
+from taskmerge.selection.evaluation import DecoderProtocol
+from taskmerge.merging._helpers import one_of
+from taskmerge import settings
 from taskmerge.method_schemas import METHOD_SCHEMAS
-
-
-def checked(default: Any, check: Callable[[Any], bool], expected: str) -> Any:
-    """A schema field with a range check, run on the composed config before any work
-    (`taskmerge.validation`); `expected` words the error."""
-    return field(default=default, metadata={"check": HParam(default, check, expected)})
-
-
-def count(default: int, low: int = 1) -> Any:
-    """An integer field that must be at least `low`."""
-    return checked(default, int_at_least(low), f"an integer >= {low}")
-
-
-def positive(default: float) -> Any:
-    """A finite number field that must be > 0 (learning rates)."""
-    return checked(default, number_in(0, float("inf"), low_open=True, high_open=True), "a finite number > 0")
-
-
-def non_negative(default: float) -> Any:
-    """A finite number field that must be >= 0 (weight decay)."""
-    return checked(default, number_in(0, float("inf"), high_open=True), "a finite number >= 0")
 
 
 class Distance(StrEnum):
@@ -57,129 +39,9 @@ class SelectorName(StrEnum):
     frozen_decoder = "frozen_decoder"
 
 
-@dataclass
-class BuiltinViTConfig:
-    """The built-in small ViT (timm VisionTransformer)."""
-
-    name: str = "builtin_vit"
-    img_size: int = count(32)
-    patch_size: int = count(4)
-    embed_dim: int = count(96)
-    depth: int = count(4)
-    num_heads: int = count(3)
-    mlp_ratio: float = positive(2.0)
-
-
-@dataclass
-class ClipEncoderConfig:
-    """An open_clip CLIP image encoder (`pretrained=None`: weights come from the release checkpoints)."""
-
-    name: str = "clip"
-    model: str = "ViT-B-32"
-    quick_gelu: bool = True
-
-
-@dataclass
-class PretrainConfig:
-    n_images: int = count(8000)
-    epochs: int = count(5)
-    lr: float = positive(1e-3)
-    batch_size: int = count(128)
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = count(20)
-    lr: float = positive(1e-3)
-    batch_size: int = count(64)
-
-
-@dataclass
-class ZooRecipeConfig:
-    """How the built-in zoo is trained: base pre-training, then end-to-end fine-tuning per task."""
-
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-
-@dataclass
-class BuiltinTasksConfig:
-    """The built-in benchmark: generated/real images split into train/val/test per task."""
-
-    name: str = "builtin"
-    setting: str = "builtin"
-    encoder_family: str = "builtin_vit"
-    names: list[str] = field(default_factory=lambda: ["digits", "textures", "shapes", "scenes"])
-    n_train: int = count(1200)
-    n_val: int = count(300)
-    n_test: int = count(600)
-    image_size: int = "${encoder.img_size}"  # type: ignore[assignment]
-    seed: int = 0
-    zoo: ZooRecipeConfig = field(default_factory=ZooRecipeConfig)
-
-
-class ReleaseFormat(StrEnum):
-    A = "A"
-    B = "B"
-
-
-class HeadSource(StrEnum):
-    release = "release"
-    zeroshot = "zeroshot"
-
-
-@dataclass
-class ClipTasksConfig:
-    """Datasets of the CLIP benchmark (task_vectors layout under `data_location`) and the release that holds
-    their fine-tuned encoders and heads (`checkpoints`, format A or B)."""
-
-    name: str = "clip8"
-    setting: str = "clip"
-    encoder_family: str = "clip"
-    names: list[str] = MISSING
-    data_location: Optional[str] = "${paths.data}"
-    checkpoints: Optional[str] = "${paths.checkpoints}"
-    format: ReleaseFormat = ReleaseFormat.B
-    heads: HeadSource = HeadSource.release
-    zeroshot_weights: Optional[str] = None
-    max_eval_images: Optional[int] = checked(None, optional(int_at_least(1)), "null or an integer >= 1")
-    num_workers: int = count(4, low=0)
-
-
-@dataclass
-class AverageConfig:
-    name: str = "average"
-    search: dict[str, list[float]] = field(default_factory=dict)
-
-
-@dataclass
-class TASearch:
-    alpha: list[float] = field(default_factory=lambda: [round(0.1 * i, 2) for i in range(1, 11)])
-
-
-@dataclass
-class TAConfig:
-    """Task arithmetic; a fixed `alpha` runs one candidate, otherwise `search.alpha` is swept."""
-
-    name: str = "ta"
-    alpha: Optional[float] = None
-    search: TASearch = field(default_factory=TASearch)
-
-
-@dataclass
-class AdaMergingMethodConfig:
-    """AdaMerging: learn λ (per task, or per task and parameter tensor) with the TAP or entropy loss."""
-
-    name: str = "adamerging"
-    granularity: str = checked("layer", one_of("layer", "task"), "'layer' or 'task'")
-    loss: str = checked("tap", one_of("tap", "entropy"), "'tap' or 'entropy'")
-    iterations: int = count(500)
-    lr: float = positive(1e-3)
-    batch_size: int = count(16)
-    init: Optional[float] = checked(None, optional(number_in(float("-inf"), float("inf"))), "null or a finite number")
-    ema_momentum: float = checked(0.99, number_in(0, 1, high_open=True), "a number in [0, 1)")
-    n_images: int = count(256)
-    search: dict[str, list[float]] = field(default_factory=dict)
+# AdaMerging's schema: its `AdaMergingConfig` (the run supplies `seed`), plus the unlabeled images per task.
+AdaMergingMethodConfig = schema_from(AdaMergingConfig, "adamerging", drop=("seed",), extra=[
+    ("n_images", int, count(256)), ("search", dict[str, list[float]], field(default_factory=dict))])
 
 
 @dataclass
@@ -220,15 +82,8 @@ class OptunaSearchConfig:
     study_name: Optional[str] = None
 
 
-@dataclass
-class DecoderConfig:
-    """Decoder re-training protocol on a frozen encoder (Eval and final numbers)."""
-
-    name: str = "linear"
-    epochs: int = count(30)
-    lr: float = positive(3e-3)
-    batch_size: int = count(128)
-    weight_decay: float = non_negative(0.01)
+# Decoder re-training's schema: `DecoderProtocol` (the run supplies `seed`; features are extracted in batches of 256).
+DecoderConfig = schema_from(DecoderProtocol, "linear", drop=("seed", "feature_batch_size"))
 
 
 @dataclass
@@ -276,12 +131,6 @@ class Config:
 
 SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     (None, "config_schema"): Config,
-    ("encoder", "builtin_vit_schema"): BuiltinViTConfig,
-    ("encoder", "clip_schema"): ClipEncoderConfig,
-    ("tasks", "builtin_schema"): BuiltinTasksConfig,
-    ("tasks", "clip_schema"): ClipTasksConfig,
-    ("method", "average_schema"): AverageConfig,
-    ("method", "ta_schema"): TAConfig,
     ("method", "adamerging_schema"): AdaMergingMethodConfig,
     ("selector", "selector_schema"): SelectorConfig,
     ("search", "grid_schema"): GridSearchConfig,
@@ -292,6 +141,7 @@ SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     ("logger", "logger_schema"): LoggerConfig,
     ("paths", "paths_schema"): PathsConfig,
     **METHOD_SCHEMAS,
+    **settings.schemas(),
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -16,18 +16,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskmerge import builtin_setting, checkpoints, merging, plots, report, validation
+from taskmerge import checkpoints, merging, plots, report, validation
 from taskmerge.cache import (atomic_write_json, content_key, read_json_entry, read_tensors_entry, read_text_entry,
                              write_json_entry, write_tensors_entry, write_text_entry)
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
-from taskmerge.encoders import encoder_from_spec
 from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
-from taskmerge.tasks import SPLITS, Task, build_builtin_task
+from taskmerge.settings import encoder_from_spec, get_setting
+from taskmerge.tasks import SPLITS, Task
 from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger, run_directory_lock
-from taskmerge.zoo import Zoo, get_builtin_zoo
+from taskmerge.zoo import Zoo
 
 REFERENCE_CACHE_VERSION = 2
 
@@ -61,6 +61,7 @@ class Setting:
     zoo: Zoo
     encoder_spec: dict[str, Any]
     device: torch.device
+    merge_defaults: dict[str, Any] = field(default_factory=dict)
 
     def new_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
         encoder = encoder_from_spec(self.encoder_spec)
@@ -97,11 +98,13 @@ class CandidateMerger:
     def __init__(self, method: str, setting: Setting, timer: StageTimer) -> None:
         self.method, self._timer = method, timer
         self._sources = (setting.zoo.base, [setting.zoo.finetuned[t.name] for t in setting.tasks])
+        known = merging.get_method(method).hparams if method in merging.available() else {}
+        self._defaults = {k: v for k, v in setting.merge_defaults.items() if k in known}  # the setting's key rules
         self._fixed: dict[str, Any] | None = None
         self._prepared: merging.Prepared | None = None
 
     def __call__(self, hparams: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        fixed, swept = merging.split_hparams(self.method, hparams)
+        fixed, swept = merging.split_hparams(self.method, {**self._defaults, **hparams})
         if self._prepared is None or fixed != self._fixed:
             with self._timer.stage("merge_prepare"):
                 self._prepared = merging.prepare(self.method, *self._sources, **fixed)
@@ -136,41 +139,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_tasks(tasks_cfg: Mapping[str, Any]) -> list[Task]:
-    """The built-in tasks named in the config, generated from its sizes and seed."""
-    sizes = (tasks_cfg["n_train"], tasks_cfg["n_val"], tasks_cfg["n_test"])
-    return [build_builtin_task(name, *sizes, tasks_cfg["image_size"], tasks_cfg["seed"]) for name in tasks_cfg["names"]]
-
-
 def check_setting_inputs(cfg: Mapping[str, Any]) -> None:
     """The setting's own checks of the run's inputs (task names, files, encoder fit): cheap, before any work;
     with several processes every rank runs them, so no rank waits at a barrier for one that failed."""
-    if cfg["tasks"]["setting"] == "clip":
-        from taskmerge import clip_setting  # open_clip and the dataset readers, only for the CLIP benchmark
-
-        clip_setting.check_inputs(cfg)
-    else:
-        builtin_setting.check_inputs(cfg)
+    get_setting(cfg["tasks"]["setting"]).check_inputs(cfg)
 
 
 def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Setting:
-    """Build the tasks and get the zoo (the built-in one is built once, then reused; a release is converted
-    once); with several processes rank 0 builds or converts it while the others wait."""
-    clip = cfg["tasks"]["setting"] == "clip"
-    if clip:
-        from taskmerge import clip_setting
-    tasks = [] if clip else build_tasks(cfg["tasks"])
+    """Get the zoo (built once then reused, or converted once from a release) and the tasks of the configured
+    setting; with several processes rank 0 builds or converts the zoo while the others wait."""
+    plugin = get_setting(cfg["tasks"]["setting"])
     with timer.stage("zoo"):
         if not distributed.is_main:
             distributed.barrier()
-        if clip:
-            zoo = clip_setting.load_zoo(cfg)
-        else:
-            zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], tasks, cfg["seed"], cfg["paths"]["cache_dir"])
+        zoo = plugin.load_zoo(cfg)
         if distributed.is_main:
             distributed.barrier()
-    tasks = clip_setting.build_tasks(cfg, zoo) if clip else tasks
-    return Setting(tasks=tasks, zoo=zoo, encoder_spec=dict(cfg["encoder"]), device=resolve_device(cfg["device"]))
+    return Setting(tasks=plugin.build_tasks(cfg, zoo), zoo=zoo, encoder_spec=dict(cfg["encoder"]),
+                   device=resolve_device(cfg["device"]), merge_defaults=dict(plugin.MERGE_DEFAULTS))
 
 
 def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache_dir: Path,
@@ -205,10 +191,10 @@ def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache
 
 
 def _method_space(method_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Split a method config into fixed hyperparameters (non-null values) and its search lists."""
+    """Split a method config into fixed hyperparameters (non-null values) and its search lists (non-null ones)."""
     reserved = {"name", "search"}
     fixed = {k: v for k, v in method_cfg.items() if k not in reserved and v is not None}
-    return fixed, dict(method_cfg.get("search") or {})
+    return fixed, {k: v for k, v in (method_cfg.get("search") or {}).items() if v is not None}
 
 
 def build_protocol(decoder_cfg: Mapping[str, Any], seed: int) -> evaluation.EvalProtocol:
@@ -298,8 +284,8 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     cfg, setting, timer = pipeline.cfg, pipeline.setting, pipeline.timer
     method_cfg = cfg["method"]
     hparams = adamerging_hparams(method_cfg)
-    config = adamerging.AdaMergingConfig(**{k: method_cfg[k] for k in (
-        "granularity", "loss", "iterations", "lr", "batch_size", "init", "ema_momentum")}, seed=cfg["seed"])
+    learned = [f.name for f in fields(adamerging.AdaMergingConfig) if f.name != "seed"]
+    config = adamerging.AdaMergingConfig(**{k: method_cfg[k] for k in learned}, seed=cfg["seed"])
     names = [t.name for t in setting.tasks]
     out = run_dir / "adamerging"
     key = content_key("adamerging", setting.zoo.key, setting.data_identity(), dict(method_cfg), cfg["seed"],

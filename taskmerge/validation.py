@@ -95,8 +95,8 @@ def check_method(method_cfg: Mapping[str, Any]) -> None:
             continue
         _check_hparam(name, hparams, f"method.{key}", key, value)
     for key, values in search.items():
-        if key in method_cfg and method_cfg[key] is not None:
-            continue  # a fixed value wins over the search list
+        if values is None or method_cfg.get(key) is not None:
+            continue  # not searched, or a fixed value wins over the search list
         if not isinstance(values, list) or not values:
             raise UserError(f"method.search.{key}={values!r} is invalid; expected a non-empty list of candidate values")
         for value in values:

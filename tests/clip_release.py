@@ -24,7 +24,7 @@ from open_clip.transform import _convert_to_rgb
 from torch import nn
 from torchvision import transforms
 
-from taskmerge.encoders.clip import random_init_clip
+from taskmerge.settings.clip.encoder import random_init_clip
 
 OLD_NAMES = {"VisionTransformer": "VisualTransformer"}
 
@@ -138,8 +138,8 @@ def save_release(root: Path, model: str, names: Sequence[str], fmt: str, num_cla
 @torch.no_grad()
 def centroid_head(clip: nn.Module, data: Path, name: str, num_classes: int) -> torch.Tensor:
     """A head fitted like the release's: unit class centroids of the fine-tuned encoder's train embeddings, × 100."""
-    from taskmerge.encoders.clip import preprocess
-    from taskmerge.tasks import clip_datasets
+    from taskmerge.settings.clip.encoder import preprocess
+    from taskmerge.settings.clip import datasets as clip_datasets
 
     train = clip_datasets.load_split(name, "train", data, preprocess(224))
     images, labels = zip(*(train[i] for i in range(len(train))))

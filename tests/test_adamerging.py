@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY_OVERRIDES
 from taskmerge.decoders import LinearClassifier
-from taskmerge.encoders import create_encoder
+from taskmerge.settings import create_encoder
 from taskmerge.selection.adamerging import AdaMergingConfig, learn
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from taskmerge import cache, checkpoints, release_zoo
+from taskmerge import cache, checkpoints
+from taskmerge.settings.clip import release as release_zoo
 from taskmerge.cache import DamagedCacheEntry
 from taskmerge.selection.tap import teacher_features
-from taskmerge.tasks import build_builtin_task
-from taskmerge.tasks import clip as clip_tasks
-from taskmerge.zoo import get_builtin_zoo
+from taskmerge.settings.builtin.tasks import build_builtin_task
+from taskmerge.settings.clip import tasks as clip_tasks
+from taskmerge.settings.builtin.zoo import get_builtin_zoo
 
 ENCODER = {"name": "builtin_vit", "img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
 RECIPE = {"pretrain": {"n_images": 64, "epochs": 1, "lr": 1e-3, "batch_size": 32},

@@ -12,8 +12,8 @@ import torchvision.transforms as T
 from torch.utils.data import random_split
 
 from clip_data import seeded_rng, write_cars, write_folder_split, write_idx, write_image, write_mnist_like
-from taskmerge.tasks import clip_datasets as cd
-from taskmerge.tasks.clip_templates import TEMPLATES
+from taskmerge.settings.clip import datasets as cd
+from taskmerge.settings.clip.templates import TEMPLATES
 
 TINY = T.Compose([T.Resize((16, 16)), T.ToTensor()])
 

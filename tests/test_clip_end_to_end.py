@@ -13,14 +13,14 @@ from hydra import compose, initialize_config_module
 from conftest import CLIP_CLASSES, CLIP_NAMES
 from taskmerge import checkpoints
 from taskmerge.config import register_configs, to_plain
-from taskmerge.encoders import create_encoder
-from taskmerge.encoders.clip import ClipClassificationHead, preprocess, random_init_clip, zeroshot_weights
+from taskmerge.settings import create_encoder
+from taskmerge.settings.clip.encoder import ClipClassificationHead, preprocess, random_init_clip, zeroshot_weights
 from taskmerge.analyze import analyze
-from taskmerge.clip_setting import load_zoo
+from taskmerge.settings.clip.setting import load_zoo
 from taskmerge.errors import UserError
 from taskmerge.experiment import StageTimer, open_pipeline, run_experiment
-from taskmerge.tasks import clip_datasets
-from taskmerge.tasks.clip_templates import TEMPLATES
+from taskmerge.settings.clip import datasets as clip_datasets
+from taskmerge.settings.clip.templates import TEMPLATES
 
 def _config(data: Path, checkpoints_root: Path, cache: Path, fmt: str, *overrides: str) -> dict:
     register_configs()

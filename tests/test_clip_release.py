@@ -10,9 +10,10 @@ import torch
 
 from clip_release import random_clip, save_release
 from conftest import CLIP_MODEL, CLIP_NAMES
-from taskmerge import checkpoints, merging, release_zoo
-from taskmerge.encoders import create_encoder
-from taskmerge.encoders.clip import TEXT_LEFTOVERS, ClipClassificationHead, random_init_clip, to_open_clip_keys, zeroshot_weights
+from taskmerge import checkpoints, merging
+from taskmerge.settings.clip import release as release_zoo
+from taskmerge.settings import create_encoder
+from taskmerge.settings.clip.encoder import TEXT_LEFTOVERS, ClipClassificationHead, random_init_clip, to_open_clip_keys, zeroshot_weights
 
 
 @pytest.mark.parametrize("fmt", ["A", "B"])

@@ -238,6 +238,9 @@ def ref_consensus(pretrained, finetuned, lambdas, min_agree, base, alpha):
     return ref_apply(pretrained, ref_unflat(merged_tv * (count >= min_agree), pretrained, keys), alpha)
 
 
+CLIP_RULE = {"exclude": "text_projection"}  # the key rule the CLIP setting supplies, as the reference code hard-codes
+
+
 def ref_is_2d(key, shape):
     return len(shape) == 2 and "text_projection" not in key
 
@@ -450,26 +453,26 @@ def test_tall_masks_parity(base):
 @pytest.mark.parametrize("T", SVD_TASKS)
 def test_tsv_parity(T):
     pre, fts = checkpoints(T)
-    assert max_abs_diff(merging.merge("tsv", pre, fts, alpha=1.3), ref_tsv(pre, fts, 1.3)) <= TOL
+    assert max_abs_diff(merging.merge("tsv", pre, fts, alpha=1.3, **CLIP_RULE), ref_tsv(pre, fts, 1.3)) <= TOL
 
 
 @pytest.mark.parametrize("T", SVD_TASKS)
 def test_iso_c_parity(T):
     pre, fts = checkpoints(T)
-    assert max_abs_diff(merging.merge("iso_c", pre, fts, alpha=0.9), ref_iso_c(pre, fts, 0.9)) <= TOL
+    assert max_abs_diff(merging.merge("iso_c", pre, fts, alpha=0.9, **CLIP_RULE), ref_iso_c(pre, fts, 0.9)) <= TOL
 
 
 @pytest.mark.parametrize("T", SVD_TASKS)
 def test_iso_cts_parity(T):
     pre, fts = checkpoints(T)
-    assert max_abs_diff(merging.merge("iso_cts", pre, fts, alpha=1.1), ref_iso_cts(pre, fts, 1.1)) <= TOL
+    assert max_abs_diff(merging.merge("iso_cts", pre, fts, alpha=1.1, **CLIP_RULE), ref_iso_cts(pre, fts, 1.1)) <= TOL
 
 
 @pytest.mark.parametrize("T", SVD_TASKS)
 @pytest.mark.parametrize("eta", [40, 90])
 def test_star_parity(T, eta):
     pre, fts = checkpoints(T)
-    got = merging.merge("star", pre, fts, eta=eta)
+    got = merging.merge("star", pre, fts, eta=eta, **CLIP_RULE)
     assert max_abs_diff(got, ref_star(pre, fts, eta, 1.0)) <= TOL
     assert all(torch.isfinite(v).all() for v in got.values())  # zero text matrices give zeros, not NaN
 
@@ -733,11 +736,11 @@ def test_helpers_flatten_order_and_matrix_rule():
     pre, _ = make_checkpoints(1, blocks=1)
     keys = _helpers.sorted_float_keys(pre)
     assert keys == sorted(keys) and torch.equal(_helpers.flatten(pre, keys), torch.cat([pre[k].reshape(-1) for k in keys]))
-    matrices = {k for k in pre if _helpers.is_matrix(k, pre[k])}
+    matrices = {k for k in pre if _helpers.is_matrix(k, pre[k], CLIP_RULE["exclude"])}
     assert "model.text_projection" not in matrices and "model.visual.conv1.weight" not in matrices
     assert {"model.token_embedding.weight", "model.visual.proj", "model.visual.positional_embedding"} <= matrices
     assert _helpers.is_matrix("x", torch.zeros(1, 4, 1, 3)) and not _helpers.is_matrix("x", torch.zeros(1, 4))
-    assert _helpers.is_matrix("model.text_projection", torch.zeros(3, 3), exclude=None)
+    assert _helpers.is_matrix("model.text_projection", torch.zeros(3, 3)), "no exclusion unless a setting supplies one"
 
 
 @pytest.mark.parametrize(
@@ -816,10 +819,10 @@ FLOAT32_CASES = {
     "ta": (dict(alpha=0.4), lambda pre, fts: ref_apply(pre, ref_ta_delta_from_taus(pre, ref_task_vectors(pre, fts)), 0.4), 1e-4),
     "ties": (dict(k=20, agg="mean", alpha=0.7), lambda pre, fts: ref_ties(pre, fts, 20, "mean", 0.7), 1e-4),
     "breadcrumbs": (dict(beta=0.3, gamma=0.1, alpha=0.4), lambda pre, fts: ref_breadcrumbs(pre, fts, 0.3, 0.1, 0.4), 1e-4),
-    "tsv": (dict(alpha=1.0), lambda pre, fts: ref_tsv(pre, fts, 1.0), 1e-3),
-    "iso_c": (dict(alpha=1.0), lambda pre, fts: ref_iso_c(pre, fts, 1.0), 1e-4),
-    "iso_cts": (dict(alpha=1.0), lambda pre, fts: ref_iso_cts(pre, fts, 1.0), 1e-4),
-    "star": (dict(eta=40, alpha=1.0), lambda pre, fts: ref_star(pre, fts, 40, 1.0), 1e-4),
+    "tsv": (dict(alpha=1.0, **CLIP_RULE), lambda pre, fts: ref_tsv(pre, fts, 1.0), 1e-3),
+    "iso_c": (dict(alpha=1.0, **CLIP_RULE), lambda pre, fts: ref_iso_c(pre, fts, 1.0), 1e-4),
+    "iso_cts": (dict(alpha=1.0, **CLIP_RULE), lambda pre, fts: ref_iso_cts(pre, fts, 1.0), 1e-4),
+    "star": (dict(eta=40, alpha=1.0, **CLIP_RULE), lambda pre, fts: ref_star(pre, fts, 40, 1.0), 1e-4),
     "normavg": (dict(alpha=1.0), lambda pre, fts: ref_normavg(pre, fts, 1.0), 1e-4),
 }
 

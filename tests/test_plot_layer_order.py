@@ -2,7 +2,7 @@
 blocks are joined by lines."""
 
 from taskmerge import plots
-from taskmerge.encoders import encoder_from_spec
+from taskmerge.settings import encoder_from_spec
 from taskmerge.task_vectors import layer_of, natural_key
 
 BUILTIN = {"name": "builtin_vit", "img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 12, "num_heads": 2, "mlp_ratio": 2.0}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from taskmerge.decoders import DensePatchHead, build_decoder
-from taskmerge.tasks import build_builtin_task, builtin_task_names
+from taskmerge.settings.builtin.tasks import build_builtin_task, builtin_task_names
 from taskmerge.tasks.metrics import RMSE, Accuracy, MeanIoU, normalized
 
 

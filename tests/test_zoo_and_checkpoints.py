@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from taskmerge import checkpoints
-from taskmerge.tasks import build_builtin_task
-from taskmerge.zoo import get_builtin_zoo
+from taskmerge.settings.builtin.tasks import build_builtin_task
+from taskmerge.settings.builtin.zoo import get_builtin_zoo
 
 ENCODER = {"name": "builtin_vit", "img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
 RECIPE = {"pretrain": {"n_images": 64, "epochs": 1, "lr": 1e-3, "batch_size": 32},

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from taskmerge.tasks import build_builtin_task
-from taskmerge.zoo import get_builtin_zoo
+from taskmerge.settings.builtin.tasks import build_builtin_task
+from taskmerge.settings.builtin.zoo import get_builtin_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = {"name": "builtin_vit", "img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
@@ -63,8 +63,8 @@ def test_a_changed_fine_tuning_recipe_reuses_the_base(tmp_path):
 BUILD = """
 import sys
 from taskmerge.entry import exit_on_sigterm
-from taskmerge.tasks import build_builtin_task
-from taskmerge.zoo import get_builtin_zoo
+from taskmerge.settings.builtin.tasks import build_builtin_task
+from taskmerge.settings.builtin.zoo import get_builtin_zoo
 
 exit_on_sigterm()
 encoder = {"name": "builtin_vit", "img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}

@@ -28,9 +28,6 @@ from taskmerge.merging._registry import MergeMethod, PreparedMerge, finite_float
 
 Tensors = Mapping[str, torch.Tensor]
 
-DEFAULT_MATRIX_EXCLUDE = "text_projection"
-
-
 # ----------------------------------------------------------------------------------------------- keys
 
 
@@ -113,10 +110,10 @@ def zero_base(pretrained: Tensors) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ matrix rule
 
 
-def is_matrix(key: str, tensor: torch.Tensor, exclude: str | None = DEFAULT_MATRIX_EXCLUDE) -> bool:
+def is_matrix(key: str, tensor: torch.Tensor, exclude: str | None = None) -> bool:
     """A tensor is a "matrix" when it is 2-D after dropping its size-1 dimensions and its key does not match
-    the regex `exclude` (`re.search`; default `text_projection`, the reference's exclusion; None or "" excludes
-    nothing). 4-D `conv1.weight`, 1-D and 0-D tensors are not matrices."""
+    the regex `exclude` (`re.search`; None or "" excludes nothing; a setting supplies its own rule, e.g. CLIP's
+    `text_projection`, the reference's exclusion). 4-D `conv1.weight`, 1-D and 0-D tensors are not matrices."""
     if exclude and re.search(exclude, key):
         return False
     return sum(1 for size in tensor.shape if size != 1) == 2

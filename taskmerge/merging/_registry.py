@@ -24,11 +24,18 @@ Source = Union[Tensors, str, Path]
 
 @dataclass(frozen=True)
 class HParam:
-    """One hyperparameter: its default, a validity check and what a valid value looks like."""
+    """One hyperparameter: its default, a validity check, what a valid value looks like and, for the generated
+    Hydra schema, its type (`kind`; default: the default's type, `Any` when the default is None)."""
 
     default: Any
     check: Callable[[Any], bool]
     expected: str
+    kind: Any = None
+
+    @property
+    def annotation(self) -> Any:
+        """The type a config value of this hyperparameter is given at compose time."""
+        return self.kind or (Any if self.default is None else type(self.default))
 
 
 def finite_float(value: Any) -> bool:

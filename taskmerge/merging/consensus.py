@@ -96,7 +96,7 @@ class Consensus(DeltaMethod):
 
     name = "consensus"
     hparams = {
-        "tall_lambda": HParam(0.4, _lambda_check, "a number >= 0 or a list of them, one per task (TALL mask λ)"),
+        "tall_lambda": HParam(0.4, _lambda_check, "a number >= 0 or a list of them, one per task (TALL mask λ)", kind=Any),
         "min_agree": HParam(2, int_at_least(0), "an integer >= 0 (number of agreeing TALL masks)"),
         "base": HParam("ta", one_of(*BASES), f"one of {list(BASES)} (multi-task vector)"),
         "alpha": HParam(0.3, finite_float, "a finite number (scaling coefficient)"),

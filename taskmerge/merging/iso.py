@@ -1,7 +1,7 @@
 """Iso-C (`iso_c`) and Iso-CTS (`iso_cts`): isotropic merging (Marczak et al.).
 
 Reference: `danielm1405/iso-merging: src/utils/iso.py:iso_c, iso_cts`. Matrix rule as `tsv` (2-D after dropping
-size-1 dimensions, key not matching `exclude`, default `text_projection`). θ* = θ0 + α·Δ for all keys.
+size-1 dimensions, key not matching `exclude`, none by default). θ* = θ0 + α·Δ for all keys.
 
 Iso-C, per matrix key: M = (Σ_t τ_t / T)·T (the reference divides then multiplies), M = U diag(σ) Vᵀ,
 Δ = U diag(mean(σ)·1) Vᵀ (all r = min(m, n) singular values, no truncation). Non-matrices: Σ_t τ_t / T
@@ -27,7 +27,6 @@ from typing import Any, Sequence
 import torch
 
 from taskmerge.merging._helpers import (
-    DEFAULT_MATRIX_EXCLUDE,
     DeltaMethod,
     SVDBlocks,
     as_matrix,
@@ -45,7 +44,7 @@ from taskmerge.merging._helpers import (
 from taskmerge.merging._registry import HParam, finite_float, register
 
 _ALPHA = HParam(1.0, finite_float, "a finite number (scaling coefficient)")
-_EXCLUDE = HParam(DEFAULT_MATRIX_EXCLUDE, regex_or_none, "a regular expression or null (keys never treated as matrices)")
+_EXCLUDE = HParam(None, regex_or_none, "a regular expression or null (keys never treated as matrices)")
 
 
 def iso_c_matrix(matrices: Sequence[torch.Tensor]) -> torch.Tensor:

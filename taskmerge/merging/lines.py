@@ -82,12 +82,13 @@ class Lines(MergeMethod):
     hparams = {
         "beta": HParam(0.5, finite_float, "a finite number (scale increase from the first to the last block)"),
         "alpha": HParam(None, optional(finite_float),
-                        "null (automatic (‖Στ‖₁/‖Δ‖₁)/T) or a finite number (scale of the first block)"),
+                        "null (automatic (‖Στ‖₁/‖Δ‖₁)/T) or a finite number (scale of the first block)", kind=float),
         "base": HParam("ta", one_of(*BASES), f"one of {list(BASES)} (base merge method)"),
-        "num_blocks": HParam(None, optional(int_at_least(1)), "null (inferred from the keys) or an integer >= 1"),
+        "num_blocks": HParam(None, optional(int_at_least(1)), "null (inferred from the keys) or an integer >= 1", kind=int),
         "k": Ties.hparams["k"],
         "agg": Ties.hparams["agg"],
-        "tall_lambda": HParam(0.4, scalar_or_sequence(number_in(0, float("inf"))), "a number >= 0 or a list of them (consensus base)"),
+        "tall_lambda": HParam(0.4, scalar_or_sequence(number_in(0, float("inf"))), "a number >= 0 or a list of them (consensus base)",
+                              kind=Any),
         "min_agree": HParam(2, int_at_least(0), "an integer >= 0 (consensus base)"),
     }
     prepare_hparams = ("base", "num_blocks", "k", "agg", "tall_lambda", "min_agree")

@@ -2,7 +2,7 @@
 
 Reference (LoRA LLMs only, no vision implementation exists): `IBM/STAR: merger/STAR.py:star`, merge
 `merger/simple_avg.py:weighted_merge`. Per task and per matrix key (matrix rule as `tsv`: 2-D after dropping
-size-1 dimensions, key not matching `exclude`, default `text_projection`):
+size-1 dimensions, key not matching `exclude`, none by default):
 
 1. thin SVD; r* = searchsorted(cumsum(σ), Σσ·η/100) + 1 (left side), i.e. the smallest r with
    Σ_{i≤r} σ_i ≥ η/100·Σσ;
@@ -20,7 +20,6 @@ from typing import Any, Iterable
 import torch
 
 from taskmerge.merging._helpers import (
-    DEFAULT_MATRIX_EXCLUDE,
     DeltaMethod,
     as_matrix,
     float_keys,
@@ -69,9 +68,9 @@ class Star(DeltaMethod):
 
     name = "star"
     hparams = {
-        "eta": HParam(40, number_in(0, 100, low_open=True), interval(0, 100, low_open=True) + " (percent of the nuclear norm kept)"),
+        "eta": HParam(40, number_in(0, 100, low_open=True), interval(0, 100, low_open=True) + " (percent of the nuclear norm kept)", kind=float),
         "alpha": HParam(1.0, finite_float, "a finite number (scaling coefficient; 1.0 is the reference)"),
-        "exclude": HParam(DEFAULT_MATRIX_EXCLUDE, regex_or_none, "a regular expression or null (keys never treated as matrices)"),
+        "exclude": HParam(None, regex_or_none, "a regular expression or null (keys never treated as matrices)"),
     }
     prepare_hparams = ("eta", "exclude")
 

@@ -106,7 +106,7 @@ class Ties(DeltaMethod):
     name = "ties"
     hparams = {
         "k": HParam(20, number_in(0, 100, low_open=True),
-                    interval(0, 100, low_open=True) + " (percent of entries kept per task; 100 = no trimming)"),
+                    interval(0, 100, low_open=True) + " (percent of entries kept per task; 100 = no trimming)", kind=float),
         "agg": HParam("mean", one_of("mean", "sum"), "'mean' or 'sum' (disjoint aggregation)"),
         "alpha": HParam(1.0, finite_float, "a finite number (scaling coefficient)"),
     }

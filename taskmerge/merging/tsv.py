@@ -3,7 +3,7 @@
 Reference: `AntoAndGar/task_singular_vectors: src/utils/TSVM_utils.py:compute_and_sum_svd_mem_reduction`.
 
 Matrix rule: a tensor is a "matrix" when it is 2-D after dropping its size-1 dimensions and its key does not
-match the regex `exclude` (default `text_projection`, the reference's exclusion). For ViT state dicts that is
+match the regex `exclude` (none by default; the CLIP setting supplies `text_projection`, the reference's exclusion). For ViT state dicts that is
 the attention/MLP weights (fused `in_proj_weight` as one matrix), `visual.proj`, both positional embeddings and
 `token_embedding.weight`; `conv1.weight` (4-D), biases, LayerNorms, `class_embedding`, `logit_scale` and
 `text_projection` are not.
@@ -25,7 +25,6 @@ from typing import Any, Sequence
 import torch
 
 from taskmerge.merging._helpers import (
-    DEFAULT_MATRIX_EXCLUDE,
     DeltaMethod,
     SVDBlocks,
     as_matrix,
@@ -67,8 +66,9 @@ class TSVMerge(DeltaMethod):
     hparams = {
         "alpha": HParam(1.0, finite_float, "a finite number (scaling coefficient)"),
         "fraction": HParam(None, optional(number_in(0, 1, low_open=True)),
-                           "null (1/T) or " + interval(0, 1, low_open=True) + " (fraction of singular components kept per task)"),
-        "exclude": HParam(DEFAULT_MATRIX_EXCLUDE, regex_or_none, "a regular expression or null (keys never treated as matrices)"),
+                           "null (1/T) or " + interval(0, 1, low_open=True) + " (fraction of singular components kept per task)",
+                           kind=float),
+        "exclude": HParam(None, regex_or_none, "a regular expression or null (keys never treated as matrices)"),
     }
     prepare_hparams = ("fraction", "exclude")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +24,23 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from taskmerge.config_fields import checked, count, positive
 from taskmerge.distributed import Distributed
+from taskmerge.merging._helpers import number_in, one_of, optional
+from taskmerge.merging._registry import finite_float
 
 
 @dataclass(frozen=True)
 class AdaMergingConfig:
-    granularity: str = "layer"
-    loss: str = "tap"
-    iterations: int = 500
-    lr: float = 1e-3
-    batch_size: int = 16
-    init: float | None = None
-    ema_momentum: float = 0.99
+    """What AdaMerging learns and how (also the source of the `method=adamerging` schema)."""
+
+    granularity: str = checked("layer", one_of("layer", "task"), "'layer' or 'task'")
+    loss: str = checked("tap", one_of("tap", "entropy"), "'tap' or 'entropy'")
+    iterations: int = count(500)
+    lr: float = positive(1e-3)
+    batch_size: int = count(16)
+    init: Optional[float] = checked(None, optional(finite_float), "null or a finite number")
+    ema_momentum: float = checked(0.99, number_in(0, 1, high_open=True), "a number in [0, 1)")
     seed: int = 0
 
 

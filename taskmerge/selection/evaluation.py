@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from taskmerge.config_fields import count, non_negative, positive
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.decoders.training import predict, train_module
@@ -23,14 +24,14 @@ from taskmerge.tasks.metrics import normalized
 
 @dataclass(frozen=True)
 class DecoderProtocol:
-    """How decoders are re-trained on a frozen encoder."""
+    """How decoders are re-trained on a frozen encoder (also the source of the `decoder=linear` schema)."""
 
-    epochs: int = 30
-    lr: float = 3e-3
-    batch_size: int = 128
-    weight_decay: float = 0.01
+    epochs: int = count(30)
+    lr: float = positive(3e-3)
+    batch_size: int = count(128)
+    weight_decay: float = non_negative(0.01)
     seed: int = 0
-    feature_batch_size: int = 256
+    feature_batch_size: int = count(256)
 
 
 @dataclass(frozen=True)

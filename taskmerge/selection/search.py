@@ -24,9 +24,10 @@ def grid_candidates(method: str, fixed: Mapping[str, Any], search: Mapping[str, 
     """The product of the search lists; a hyperparameter given a fixed value is not searched.
 
     Prepare-time hyperparameters vary slowest, so candidates sharing a preparation are contiguous.
-    Hyperparameters neither fixed nor searched keep the method's defaults (they are not listed).
+    Hyperparameters neither fixed nor searched (a None list) keep the method's defaults (they are not listed).
     """
     known = get_method(method).hparams
+    search = {name: values for name, values in search.items() if values is not None}  # None: not searched
     for name in [*fixed, *search]:
         if name not in known:
             raise ValueError(f"method {method!r} has no hyperparameter {name!r}; known: {sorted(known)}")

@@ -1,11 +1,22 @@
-"""The built-in benchmark's checks of a run's inputs, before anything is generated or trained."""
+"""The built-in benchmark as a setting: its input checks, its zoo (trained once, cached) and its tasks."""
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Mapping
 
+from torch import nn
+
 from taskmerge.errors import UserError
-from taskmerge.tasks import builtin_task_kind, builtin_task_names
+from taskmerge.settings.builtin.encoder import BuiltinViT
+from taskmerge.settings.builtin.tasks import build_builtin_task, builtin_task_kind, builtin_task_names
+from taskmerge.settings.builtin.zoo import get_builtin_zoo
+from taskmerge.tasks import Task
+from taskmerge.zoo import Zoo
+
+ENCODERS = {"builtin_vit": BuiltinViT}
+MERGE_DEFAULTS: dict[str, Any] = {}
 
 
 def check_inputs(cfg: Mapping[str, Any]) -> None:
@@ -29,3 +40,31 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         if headless:
             raise UserError(f"method.loss=entropy needs a frozen classification head for every task; {headless} have "
                             f"none (dense tasks): use method.loss=tap, or tasks.names without them")
+
+
+@functools.lru_cache(maxsize=2)
+def _generate(tasks_json: str) -> tuple[Task, ...]:
+    """The built-in tasks of a tasks config (as JSON), generated once per process."""
+    tasks_cfg = json.loads(tasks_json)
+    sizes = (tasks_cfg["n_train"], tasks_cfg["n_val"], tasks_cfg["n_test"])
+    return tuple(build_builtin_task(name, *sizes, tasks_cfg["image_size"], tasks_cfg["seed"]) for name in tasks_cfg["names"])
+
+
+def _tasks(cfg: Mapping[str, Any]) -> list[Task]:
+    return list(_generate(json.dumps(dict(cfg["tasks"]), sort_keys=True)))
+
+
+def load_zoo(cfg: Mapping[str, Any]) -> Zoo:
+    """The built-in zoo for the configured encoder, recipe and tasks: the missing pieces are trained first."""
+    zoo, _ = get_builtin_zoo(cfg["encoder"], cfg["tasks"]["zoo"], _tasks(cfg), cfg["seed"], cfg["paths"]["cache_dir"])
+    return zoo
+
+
+def build_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
+    """The built-in tasks named in the config, generated from its sizes and seed."""
+    return _tasks(cfg)
+
+
+def create_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """A built-in encoder of family `name` with random weights."""
+    return ENCODERS[name](**kwargs)

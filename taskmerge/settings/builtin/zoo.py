@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,31 +28,18 @@ from taskmerge import checkpoints
 from taskmerge.cache import content_key, discard, entry_problem, write_json_entry, write_tensors_entry
 from taskmerge.decoders import LinearClassifier, build_decoder
 from taskmerge.decoders import training as decoder_training
-from taskmerge.encoders import encoder_from_spec
-from taskmerge.encoders import vit as builtin_vit
-from taskmerge.tasks import Task, builtin_data, builtin_task_names
+from taskmerge.settings import encoder_from_spec
+from taskmerge.settings.builtin import encoder as builtin_vit
+from taskmerge.settings.builtin import data as builtin_data
+from taskmerge.settings.builtin.tasks import builtin_task_names
+from taskmerge.tasks import Task
+from taskmerge.zoo import Zoo
 
 MANIFEST = "manifest.json"
 BASE, FINETUNED, HEAD = "base.safetensors", "finetuned.safetensors", "head.safetensors"
 # The default zoo (pre-training 8000 images × 5 epochs, fine-tuning 4 × 1200 images × 20 epochs, width 96,
 # depth 4, 64 patches) takes about 3 minutes on 2 CPU cores: seconds per image and epoch, for estimates.
 SECONDS_PER_IMAGE_EPOCH = 180 / (8000 * 5 + 4 * 1200 * 20)
-
-
-@dataclass(frozen=True)
-class Zoo:
-    """Paths of the zoo's checkpoints; `key` identifies its content."""
-
-    key: str
-    base: Path
-    finetuned: dict[str, Path]
-    heads: dict[str, Path]
-
-    def fingerprints(self) -> dict[str, str]:
-        """Content fingerprints of every checkpoint (base, fine-tuned and heads), for cache keys."""
-        files = {"base": self.base, **{f"ft/{t}": p for t, p in self.finetuned.items()},
-                 **{f"head/{t}": p for t, p in self.heads.items()}}
-        return {name: checkpoints.fingerprint(path) for name, path in files.items()}
 
 
 class _EncoderWithHead(nn.Module):

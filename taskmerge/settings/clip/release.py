@@ -19,7 +19,7 @@ import torch
 
 from taskmerge import checkpoints
 from taskmerge.cache import content_key, read_json_entry, seal, verified, write_json_entry
-from taskmerge.encoders.clip import ClipClassificationHead, to_open_clip_keys
+from taskmerge.settings.clip.encoder import ClipClassificationHead, to_open_clip_keys
 from taskmerge.zoo import Zoo
 
 FORMATS = ("A", "B")

@@ -12,12 +12,20 @@ from typing import Any, Mapping
 
 import open_clip
 
-from taskmerge import checkpoints, release_zoo
-from taskmerge.encoders.clip import image_size, output_dim, preprocess, pretrained_clip
+from torch import nn
+
+from taskmerge import checkpoints
 from taskmerge.errors import UserError
-from taskmerge.tasks import Task, clip_datasets
-from taskmerge.tasks import clip as clip_tasks
+from taskmerge.settings.clip import datasets as clip_datasets
+from taskmerge.settings.clip import release as release_zoo
+from taskmerge.settings.clip import tasks as clip_tasks
+from taskmerge.settings.clip.encoder import ClipImageEncoder, image_size, output_dim, preprocess, pretrained_clip
+from taskmerge.tasks import Task
 from taskmerge.zoo import Zoo
+
+ENCODERS = {"clip": ClipImageEncoder}
+# The reference TSV/Iso/STAR code never treats the text projection a release carries as a matrix to decompose.
+MERGE_DEFAULTS: dict[str, Any] = {"exclude": "text_projection"}
 
 ENVIRONMENT = {"data_location": ("paths.data", "TASKMERGE_DATA_DIR"),
                "checkpoints": ("paths.checkpoints", "TASKMERGE_CHECKPOINTS_DIR")}
@@ -74,3 +82,8 @@ def build_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
     return [clip_tasks.build_clip_task(name, root, transform, clip_tasks.load_head(zoo.heads[name], output_dim(model)),
                                        tasks_cfg["max_eval_images"], tasks_cfg["num_workers"], cfg["seed"])
             for name in tasks_cfg["names"]]
+
+
+def create_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """A CLIP image encoder of family `name` with random weights (the release's weights are loaded after)."""
+    return ENCODERS[name](**kwargs)

@@ -16,10 +16,10 @@ from torch.utils.data import Subset
 
 from taskmerge import checkpoints
 from taskmerge.cache import content_key, verified, write_tensors_entry
-from taskmerge.encoders.clip import ClipClassificationHead, zeroshot_weights
+from taskmerge.settings.clip.encoder import ClipClassificationHead, zeroshot_weights
+from taskmerge.settings.clip import datasets as clip_datasets
 from taskmerge.tasks import SPLITS, DatasetSplit, Task
-from taskmerge.tasks import clip_datasets
-from taskmerge.tasks.clip_templates import TEMPLATES
+from taskmerge.settings.clip.templates import TEMPLATES
 from taskmerge.tasks.metrics import Accuracy
 
 ZEROSHOT_CACHE_VERSION = 2  # 2: cached heads carry a checksum

@@ -18,6 +18,7 @@ import torch
 from taskmerge.settings import create_encoder
 from taskmerge.settings.clip.encoder import random_init_clip
 from taskmerge.selection.tap import compute_tap
+from taskmerge.tasks import Samples
 
 
 def _seconds(fn, device: torch.device) -> float:
@@ -48,13 +49,13 @@ def main() -> None:
     clip = clip.to(device).eval()
     size = student.visual.image_size[0]
     generator = torch.Generator().manual_seed(0)
-    unlabeled = {f"task{t}": torch.randn(args.images, 3, size, size, generator=generator) for t in range(args.tasks)}
+    unlabeled = {f"task{t}": Samples.of(torch.randn(args.images, 3, size, size, generator=generator)) for t in range(args.tasks)}
     total = args.tasks * args.images
     dim = student.embed_dim
     teachers = {name: torch.randn(args.images, dim, generator=generator) for name in unlabeled}
 
     with torch.no_grad():  # warm-up: first calls allocate and pick kernels
-        warm = unlabeled["task0"][: min(args.batch_sizes)].to(device)
+        warm = unlabeled["task0"].take_all()[: min(args.batch_sizes)].to(device)
         student.features(warm, "pooled"), clip.encode_image(warm)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}, T = {args.tasks}, {args.images} images per task = {total} student forward passes; {where}\n")
@@ -62,9 +63,9 @@ def main() -> None:
     for batch in args.batch_sizes:
         def plain() -> None:
             with torch.no_grad():
-                for images in unlabeled.values():
-                    for i in range(0, len(images), batch):
-                        clip.encode_image(images[i : i + batch].to(device)).float().cpu()
+                for samples in unlabeled.values():
+                    for images in samples.batches(batch):
+                        clip.encode_image(images.to(device)).float().cpu()
 
         def tap() -> None:
             compute_tap(student, unlabeled, teachers, "pooled", "l2", batch)

@@ -30,14 +30,14 @@ def main(overrides: list[str]) -> None:
         cfg = to_plain(compose(config_name="config", overrides=["logger=none", *overrides]))
     pipeline = open_pipeline(cfg, StageTimer())
     setting, tap_cfg = pipeline.setting, cfg["tap"]
-    unlabeled = {t.name: t.unlabeled_images(tap_cfg["n_samples"], tap_cfg["seed"]) for t in setting.tasks}
+    unlabeled = {t.name: t.unlabeled(tap_cfg["n_samples"], tap_cfg["seed"]) for t in setting.tasks}
     teachers = {t.name: teacher_features(setting.load_encoder, setting.zoo.finetuned[t.name], unlabeled[t.name],
                                          tap_cfg["features"], setting.encoder_spec, Path(cfg["paths"]["cache_dir"]))
                 for t in setting.tasks}
     fixed, space = _method_space(cfg["method"])
     candidates = search.grid_candidates(cfg["method"]["name"], fixed, space)
     student = setting.new_encoder(pipeline.merger(candidates[0]))
-    images = torch.cat(list(unlabeled.values()))
+    images = torch.cat([samples.take_all() for samples in unlabeled.values()])
     extract_features(student, images, tap_cfg["features"], tap_cfg["batch_size"])  # warm-up
     start = time.perf_counter()
     extract_features(student, images, tap_cfg["features"], tap_cfg["batch_size"])

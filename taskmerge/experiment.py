@@ -25,7 +25,7 @@ from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.selection.tap import compute_tap, teacher_features
 from taskmerge.settings import encoder_from_spec, get_setting
-from taskmerge.tasks import SPLITS, Task
+from taskmerge.tasks import SPLITS, Samples, Task
 from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger, run_directory_lock
 from taskmerge.zoo import Zoo
 
@@ -301,7 +301,7 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     images = [t.unlabeled_images(min(method_cfg["n_images"], len(t.splits["train"])), cfg["seed"]) for t in setting.tasks]
     teachers, heads = None, None
     if config.loss == "tap":
-        teachers = [teacher_features(setting.load_encoder, setting.zoo.finetuned[n], imgs, "tokens", setting.encoder_spec,
+        teachers = [teacher_features(setting.load_encoder, setting.zoo.finetuned[n], Samples.of(imgs), "tokens", setting.encoder_spec,
                                      Path(cfg["paths"]["cache_dir"])) for n, imgs in zip(names, images)]
     else:
         heads = adamerging.frozen_heads_or_error(names, [t.kind for t in setting.tasks], setting.load_head)
@@ -334,7 +334,7 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
     needs_eval = selector in ("eval", "both", "frozen_decoder")
     heads = {t.name: setting.load_head(t.name) for t in setting.tasks} if selector == "frozen_decoder" else {}
     with timer.stage("teacher_features"):
-        unlabeled = {t.name: t.unlabeled_images(tap_cfg["n_samples"], tap_cfg["seed"]) for t in setting.tasks}
+        unlabeled = {t.name: t.unlabeled(tap_cfg["n_samples"], tap_cfg["seed"]) for t in setting.tasks}
         teachers = {
             t.name: teacher_features(setting.load_encoder, setting.zoo.finetuned[t.name], unlabeled[t.name],
                                      tap_cfg["features"], setting.encoder_spec, Path(cfg["paths"]["cache_dir"]), tap_cfg["batch_size"])

@@ -11,6 +11,7 @@ from taskmerge import cache, checkpoints
 from taskmerge.settings.clip import release as release_zoo
 from taskmerge.cache import DamagedCacheEntry
 from taskmerge.selection.tap import teacher_features
+from taskmerge.tasks import Samples
 from taskmerge.settings.builtin.tasks import build_builtin_task
 from taskmerge.settings.clip import tasks as clip_tasks
 from taskmerge.settings.builtin.zoo import get_builtin_zoo
@@ -91,7 +92,7 @@ def test_damaged_teacher_features_are_recomputed(tmp_path, new_process, damage):
         return _Scale(2.0)
 
     checkpoint = checkpoints.save_state_dict(tmp_path / "ft.safetensors", {"scale": torch.tensor(2.0)})
-    images = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = Samples.of(torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     first = teacher_features(load, checkpoint, images, "pooled", {"name": "toy"}, tmp_path / "cache")
     (entry,) = (tmp_path / "cache" / "teacher").glob("*.safetensors")
     damage(entry)

@@ -5,6 +5,7 @@ from torch import nn
 
 from taskmerge import checkpoints
 from taskmerge.selection.tap import compute_tap, dissimilarity, tap_task, teacher_features
+from taskmerge.tasks import Samples
 
 
 def test_l2_and_cosine_pooled_hand_values():
@@ -43,7 +44,7 @@ class _Linear(nn.Module):
 
 
 def test_compute_tap_per_task_and_mean():
-    images = {"a": torch.ones(4, 1, 2, 1), "b": torch.zeros(4, 1, 2, 1)}
+    images = {"a": Samples.of(torch.ones(4, 1, 2, 1)), "b": Samples.of(torch.zeros(4, 1, 2, 1))}
     teachers = {"a": torch.zeros(4, 2), "b": torch.zeros(4, 2)}
     scores = compute_tap(_Linear(3.0), images, teachers, "pooled", "l2")
     assert abs(scores["a"] - 3 * math.sqrt(2)) < 1e-6 and scores["b"] == 0.0
@@ -59,14 +60,14 @@ def test_teacher_cache_hit_and_keys(tmp_path):
 
     ckpt_a = checkpoints.save_state_dict(tmp_path / "a.safetensors", {"scale": torch.tensor(2.0)})
     ckpt_b = checkpoints.save_state_dict(tmp_path / "b.safetensors", {"scale": torch.tensor(5.0)})
-    images = torch.arange(8.0).view(4, 1, 2, 1)
+    images = Samples.of(torch.arange(8.0).view(4, 1, 2, 1))
     cache = tmp_path / "cache"
     first = teacher_features(load, ckpt_a, images, "pooled", {"name": "toy"}, cache)
     again = teacher_features(load, ckpt_a, images, "pooled", {"name": "toy"}, cache)
     assert torch.equal(first, again) and len(calls) == 1, "second call must be served from the cache"
     assert len(list((cache / "teacher").glob("*.safetensors"))) == 1
 
-    other_images = teacher_features(load, ckpt_a, images + 1, "pooled", {"name": "toy"}, cache)
+    other_images = teacher_features(load, ckpt_a, Samples.of(images.take_all() + 1), "pooled", {"name": "toy"}, cache)
     other_ckpt = teacher_features(load, ckpt_b, images, "pooled", {"name": "toy"}, cache)
     other_kind = teacher_features(load, ckpt_a, images, "tokens", {"name": "toy"}, cache)
     assert len(calls) == 4 and len(list((cache / "teacher").glob("*.safetensors"))) == 4
@@ -78,7 +79,7 @@ def test_teacher_cache_notices_rewritten_checkpoint(tmp_path):
     path = tmp_path / "ft.safetensors"
     checkpoints.save_state_dict(path, {"scale": torch.tensor(2.0)})
     load = lambda p: _Linear(float(checkpoints.load_state_dict(p)["scale"]))  # noqa: E731
-    images = torch.ones(2, 1, 2, 1)
+    images = Samples.of(torch.ones(2, 1, 2, 1))
     before = teacher_features(load, path, images, "pooled", {}, tmp_path / "cache")
     checkpoints.save_state_dict(path, {"scale": torch.tensor(7.0)})
     after = teacher_features(load, path, images, "pooled", {}, tmp_path / "cache")

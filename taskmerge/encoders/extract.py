@@ -21,6 +21,14 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, kind: str, batch_
 
 
 @torch.no_grad()
+def extract_batches(encoder: nn.Module, batches: Iterable[torch.Tensor], kind: str) -> torch.Tensor:
+    """`encoder.features(batch, kind)` of every batch, in eval mode, concatenated as float32 on the CPU."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    return torch.cat([encoder.features(batch.to(device), kind).float().cpu() for batch in batches])
+
+
+@torch.no_grad()
 def extract_split(encoder: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (float32, CPU) and targets of every (images, targets) batch, for splits read from disk."""
     encoder.eval()

@@ -4,7 +4,7 @@ and each fine-tuned (teacher) encoder's features on a few unlabeled images of th
 TAP_t = mean_x d(f_θ(x), f_θt(x)); TAP = mean_t TAP_t. Lower is better. `d` is the Euclidean distance
 (`l2`) or the cosine distance 1 − cos (`cosine`); on token features it is computed per patch token and
 averaged over tokens (prefix tokens are excluded by the encoder contract). Teacher features are
-computed once and cached on disk under a content hash of checkpoint, images and feature spec, as a
+computed once and cached on disk under a content hash of checkpoint, sample identities and feature spec, as a
 checksummed cache entry (a damaged one is reported and recomputed).
 """
 
@@ -19,10 +19,11 @@ from torch import nn
 
 from taskmerge import checkpoints
 from taskmerge.cache import content_key, read_tensors_entry, write_tensors_entry
-from taskmerge.encoders.extract import extract_features
+from taskmerge.encoders.extract import extract_batches
+from taskmerge.tasks import Samples
 
 DISTANCES = ("l2", "cosine")
-TEACHER_CACHE_VERSION = 2  # 2: entries carry a checksum
+TEACHER_CACHE_VERSION = 3  # 2: entries carry a checksum; 3: keyed by sample identity (split + indices)
 
 
 def dissimilarity(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
@@ -46,30 +47,32 @@ def tap_task(student_features: torch.Tensor, teacher_features: torch.Tensor, dis
 def teacher_features(
     load_encoder: Callable[[Path], nn.Module],
     checkpoint: Path,
-    images: torch.Tensor,
+    samples: Samples,
     kind: str,
     encoder_spec: Mapping,
     cache_dir: Path,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """Features of the fine-tuned encoder at `checkpoint` on `images`, read from or written to the cache.
+    """Features of the fine-tuned encoder at `checkpoint` on `samples`, read from or written to the cache.
 
-    The key hashes the checkpoint's bytes, the images' bytes, the feature kind and the encoder spec, so
-    changing any of them computes fresh features; a cached file that fails its checksum is recomputed.
+    The key hashes the checkpoint's bytes, the samples' identity (their split's identity and indices), the
+    feature kind and the encoder spec, so changing any of them computes fresh features; a cached file that
+    fails its checksum is recomputed.
     """
-    key = content_key("teacher", TEACHER_CACHE_VERSION, checkpoints.fingerprint(checkpoint), images, kind, dict(encoder_spec))
+    key = content_key("teacher", TEACHER_CACHE_VERSION, checkpoints.fingerprint(checkpoint), samples.identity(), kind,
+                      dict(encoder_spec))
     path = Path(cache_dir) / "teacher" / f"{key[:32]}.safetensors"
     cached = read_tensors_entry(path)
     if cached is not None:
         return cached["features"]
-    features = extract_features(load_encoder(checkpoint), images, kind, batch_size)
+    features = extract_batches(load_encoder(checkpoint), samples.batches(batch_size), kind)
     write_tensors_entry(path, {"features": features})
     return features
 
 
 def compute_tap(
     student: nn.Module,
-    unlabeled: Mapping[str, torch.Tensor],
+    unlabeled: Mapping[str, Samples],
     teachers: Mapping[str, torch.Tensor],
     kind: str,
     distance: str,
@@ -77,8 +80,8 @@ def compute_tap(
 ) -> dict[str, float]:
     """TAP per task and their mean (`"mean"`) for one candidate encoder: T student passes, no teacher pass."""
     scores = {
-        name: tap_task(extract_features(student, images, kind, batch_size), teachers[name], distance)
-        for name, images in unlabeled.items()
+        name: tap_task(extract_batches(student, samples.batches(batch_size), kind), teachers[name], distance)
+        for name, samples in unlabeled.items()
     }
     scores["mean"] = sum(scores.values()) / len(unlabeled)
     return scores

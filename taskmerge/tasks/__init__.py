@@ -65,6 +65,37 @@ class DatasetSplit:
         return {**self.description, "len": len(self)}
 
 
+@dataclass(frozen=True)
+class Samples:
+    """Some samples of a split, named by the split's identity and their indices: what cache keys hash (no bytes
+    of the samples themselves are assumed), read in the split's own batching, so generic code never assumes a
+    sample is an image."""
+
+    split: Split | DatasetSplit
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def identity(self) -> dict[str, Any]:
+        """The split's identity and the indices taken from it."""
+        return {"split": self.split.identity(), "indices": self.indices.tolist()}
+
+    def batches(self, batch_size: int) -> Iterator[Any]:
+        """The samples in order, `batch_size` at a time, as the split stacks them."""
+        for start in range(0, len(self), batch_size):
+            yield self.split.take(self.indices[start : start + batch_size])
+
+    def take_all(self) -> Any:
+        """Every sample, stacked."""
+        return self.split.take(self.indices)
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> Samples:
+        """All of an in-memory batch (tests, benchmarks)."""
+        return cls(Split(images, torch.zeros(len(images))), torch.arange(len(images)))
+
+
 @dataclass
 class Task:
     """One downstream task; `kind` picks the decoder (classification, segmentation or depth); `head` is the
@@ -91,10 +122,14 @@ class Task:
             return F.l1_loss(output[:, 0], target)
         return F.cross_entropy(output, target)
 
-    def unlabeled_images(self, n: int, seed: int) -> torch.Tensor:
-        """`n` training images drawn without replacement with `seed` (TAP's unlabeled set)."""
+    def unlabeled(self, n: int, seed: int) -> Samples:
+        """`n` training samples drawn without replacement with `seed` (TAP's unlabeled set), read on demand."""
         train = self.splits["train"]
         if n > len(train):
             raise ValueError(f"task {self.name!r}: {n} unlabeled images asked for, it has {len(train)} training images")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        return train.take(order[:n].sort().values)
+        return Samples(train, order[:n].sort().values)
+
+    def unlabeled_images(self, n: int, seed: int) -> torch.Tensor:
+        """The same `n` samples, read and stacked (AdaMerging draws its minibatches from them)."""
+        return self.unlabeled(n, seed).take_all()

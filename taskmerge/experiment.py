@@ -177,8 +177,12 @@ def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache
     for task in tqdm(distributed.shard(setting.tasks), desc="reference metrics", leave=False):
         finetuned = setting.load_encoder(setting.zoo.finetuned[task.name])
         own = evaluation.evaluate_task_splits(finetuned, task, splits, protocol)
-        frozen = (own if isinstance(protocol, evaluation.FrozenHeadProtocol)
-                  else {s: evaluation.evaluate_frozen(finetuned, task, setting.load_head(task.name), s, protocol) for s in splits})
+        if isinstance(protocol, evaluation.FrozenHeadProtocol):
+            frozen = own
+        elif task.name in setting.zoo.heads:  # the fine-tuned model's own decoder, kept frozen (selector=frozen_decoder)
+            frozen = {s: evaluation.evaluate_frozen(finetuned, task, setting.load_head(task.name), s, protocol) for s in splits}
+        else:
+            frozen = {s: math.nan for s in splits}
         part[task.name] = {"base": evaluation.evaluate_task_splits(base, task, splits, protocol),
                            "finetuned": own, "finetuned_frozen": frozen}
     gathered = distributed.gather_dict(part)

@@ -55,6 +55,8 @@ def _score(decoder: nn.Module, encoder: nn.Module, task: Task, split: str, batch
 def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...], protocol: EvalProtocol) -> dict[str, float]:
     """Train `task`'s decoder once on the frozen encoder's train features (or take its frozen head under
     FrozenHeadProtocol); its metric on each of `splits`."""
+    if task.evaluator is not None and isinstance(protocol, DecoderProtocol):
+        return task.evaluator(encoder, splits, protocol)
     if isinstance(protocol, FrozenHeadProtocol):
         if task.head is None:
             raise ValueError(f"task {task.name!r} has no frozen head; decoder=frozen_head needs a setting that ships heads (CLIP)")

@@ -20,8 +20,8 @@ from torch import nn
 
 from taskmerge.errors import UserError
 
-SETTINGS = {"builtin": "taskmerge.settings.builtin", "clip": "taskmerge.settings.clip"}
-ENCODER_FAMILIES = {"builtin_vit": "builtin", "clip": "clip"}
+SETTINGS = {"builtin": "taskmerge.settings.builtin", "clip": "taskmerge.settings.clip", "dense": "taskmerge.settings.dense"}
+ENCODER_FAMILIES = {"builtin_vit": "builtin", "clip": "clip", "dense": "dense"}
 
 
 def get_setting(name: str) -> ModuleType:

@@ -46,6 +46,7 @@ class DatasetSplit:
     dataset: Dataset
     description: dict[str, Any]
     num_workers: int = 0
+    collate: Callable[[list[Any]], Any] | None = field(default=None, repr=False)  # e.g. targets of varying sizes
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -56,9 +57,10 @@ class DatasetSplit:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, targets) in order through a DataLoader with `num_workers` reader processes."""
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                            collate_fn=self.collate)
         for images, targets in loader:
-            yield images, torch.as_tensor(targets)
+            yield images, targets if isinstance(targets, list) else torch.as_tensor(targets)
 
     def identity(self) -> dict[str, Any]:
         """What a cache key hashes for on-disk data: dataset, split, location, size and preprocessing."""
@@ -99,7 +101,8 @@ class Samples:
 @dataclass
 class Task:
     """One downstream task; `kind` picks the decoder (classification, segmentation or depth); `head` is the
-    frozen head of settings that ship one (CLIP), evaluated without re-training."""
+    frozen head of settings that ship one (CLIP), evaluated without re-training; `evaluator` replaces the
+    generic decoder re-training for tasks whose decoders the setting owns."""
 
     name: str
     kind: str
@@ -107,6 +110,9 @@ class Task:
     splits: dict[str, Split | DatasetSplit]
     metric_factory: Callable[[], Metric] = field(repr=False)
     head: nn.Module | None = field(default=None, repr=False)
+    # a setting whose decoders are not the generic linear ones supplies its own Eval: (encoder, splits, protocol)
+    # → metric per split (dense decoders on intermediate features, an external command)
+    evaluator: Callable[[nn.Module, tuple[str, ...], Any], dict[str, float]] | None = field(default=None, repr=False)
 
     @property
     def higher_is_better(self) -> bool:

@@ -1,0 +1,240 @@
+"""The dense setting (DUNE / DINOv2 ViT-B/14: ADE20k, NYUd, BEDLAM, MapFree) assembled from a config.
+
+Releases in any supported layout are read once into the canonical key space (DINOv2 names, unchunked blocks,
+before the cls/pos fold) and cached as checksummed safetensors: merging happens there, and the encoder folds
+when it loads. ADE20k and NYUd are evaluated by in-framework decoders trained on the frozen encoder's
+intermediate features (validation = a held-out part of train, test = the public val/test split); BEDLAM and
+MapFree by an external command (`tasks.external.<task>`), fed the merged encoder in its release layout.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from taskmerge import checkpoints
+from taskmerge.cache import content_key, read_tensors_entry, write_tensors_entry
+from taskmerge.decoders.training import predict, train_module
+from taskmerge.errors import UserError
+from taskmerge.settings.dense import datasets, external
+from taskmerge.settings.dense.decoders import FEATURE_SPECS, PackedInput, build_dense_decoder, dense_loss, pack_features
+from taskmerge.settings.dense.encoder import DenseViT
+from taskmerge.settings.dense.metrics import DepthRMSE, SegmentationMIoU
+from taskmerge.settings.dense.releases import check_same_grid, load_canonical, pos_grid
+from taskmerge.tasks import DatasetSplit, Task
+from taskmerge.zoo import Zoo
+
+ENCODERS = {"dense": DenseViT}
+MERGE_DEFAULTS: dict[str, Any] = {}
+IN_FRAMEWORK = {"ade20k": "segmentation", "nyud": "depth"}  # tasks whose decoders taskmerge trains
+EXTERNAL_ONLY = ("bedlam", "mapfree")  # tasks whose decoders live in another codebase
+DATASET_OF = {"ade20k": "ade20k", "nyud": "nyu", "bedlam": "bedlam", "mapfree": "mapfree"}  # task -> data reader
+RELEASE_CACHE_VERSION = 1
+SPEC_DEPTH = 12  # FEATURE_SPECS count blocks of a 12-block ViT-B; other depths take the same relative blocks
+
+
+def create_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """A dense encoder with random weights (the release's weights are loaded after)."""
+    return ENCODERS[name](**kwargs)
+
+
+def check_inputs(cfg: Mapping[str, Any]) -> None:
+    """Known task names, a decoder for every task (in-framework or an external command), every data folder and
+    release file present (all missing ones listed at once); before anything is read or trained."""
+    tasks_cfg, method = cfg["tasks"], cfg["method"]["name"]
+    names = list(tasks_cfg["names"])
+    unknown = [n for n in names if n not in (*IN_FRAMEWORK, *EXTERNAL_ONLY)]
+    if unknown:
+        raise UserError(f"tasks.names: unknown dense task(s) {unknown}; expected names from {[*IN_FRAMEWORK, *EXTERNAL_ONLY]}")
+    for name in names:
+        _decoder_of(tasks_cfg, name)
+    if method == "adamerging":
+        raise UserError("method=adamerging is not available for the dense setting yet (its learned weights would be folded "
+                        "twice); use a searched method (ta, ties, tsv, star, consensus, ...)")
+    if tasks_cfg["demo"]:
+        return  # the demo generates its data and releases when the zoo is loaded
+    datasets.check_layout([DATASET_OF[n] for n in names], _required(tasks_cfg, "data_location", "paths.data=DIR"))
+    files = {"tasks.base": tasks_cfg["base"], **{f"tasks.finetuned.{n}": tasks_cfg["finetuned"].get(n) for n in names}}
+    missing = [f"{option}={path}" for option, path in files.items() if path is None or not Path(path).is_file()]
+    if missing:
+        raise UserError("dense release file(s) missing: " + "; ".join(missing) + " (a DUNE `{model, args, iter}` .pth, a "
+                        "DINOv2 state dict, a Multi-HMR checkpoint or safetensors)")
+
+
+def _required(tasks_cfg: Mapping[str, Any], key: str, how: str) -> Path:
+    if tasks_cfg[key] is None:
+        raise UserError(f"tasks.{key} is not set: pass {how}")
+    return Path(tasks_cfg[key]).expanduser()
+
+
+def _decoder_of(tasks_cfg: Mapping[str, Any], name: str) -> str | external.ExternalDecoder:
+    """Task `name`'s decoder: an external command if `tasks.external.<name>` is set, else its in-framework one."""
+    spec = tasks_cfg["external"].get(name)
+    if spec is not None:
+        options = {k: v for k, v in dict(spec).items() if k not in ("metric", "higher_is_better")}
+        return external.ExternalDecoder(**options)
+    if name not in IN_FRAMEWORK:
+        raise UserError(f"task {name!r} has no in-framework decoder: set tasks.external.{name}.command (see the README's "
+                        "external decoder templates) or leave it out of tasks.names")
+    decoder = tasks_cfg["decoders"].get(name)
+    if decoder not in FEATURE_SPECS:
+        raise UserError(f"tasks.decoders.{name}={decoder!r}; expected one of {sorted(FEATURE_SPECS)}")
+    return decoder
+
+
+def _release_paths(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]:
+    """(base, fine-tuned per task, data root) of the configured release, or of the generated demo."""
+    tasks_cfg = cfg["tasks"]
+    if tasks_cfg["demo"]:
+        from taskmerge.settings.dense.demo import build_demo
+
+        demo = build_demo(cfg["paths"]["cache_dir"])
+        return demo.base, {n: demo.finetuned[n] for n in tasks_cfg["names"]}, demo.data_root
+    return (Path(tasks_cfg["base"]), {n: Path(tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
+            _required(tasks_cfg, "data_location", "paths.data=DIR"))
+
+
+def load_zoo(cfg: Mapping[str, Any]) -> Zoo:
+    """The releases converted once to canonical safetensors (cached by the source file's content), their
+    position grids checked against each other and against the encoder's `native_size`."""
+    base, finetuned, _ = _release_paths(cfg)
+    folder = Path(cfg["paths"]["cache_dir"]) / "dense_release"
+    converted = {name: _canonical_file(path, folder) for name, path in {"base": base, **finetuned}.items()}
+    grid = check_same_grid({name: checkpoints.LazyStateDict(path) for name, path in converted.items()})
+    encoder_cfg = cfg["encoder"]
+    native = encoder_cfg["native_size"] or encoder_cfg["image_size"]
+    if native != grid * 14:
+        raise UserError(f"the releases' position grid is {grid}x{grid} ({grid * 14} px) but encoder.native_size resolves to "
+                        f"{native} px: set encoder.native_size={grid * 14}")
+    zoo = Zoo(key="", base=converted["base"], finetuned={n: converted[n] for n in finetuned}, heads={})
+    return Zoo(key=content_key("dense-zoo", zoo.fingerprints()), base=zoo.base, finetuned=zoo.finetuned, heads={})
+
+
+def _canonical_file(source: Path, folder: Path) -> Path:
+    """The canonical safetensors of a release file, converted on first use (keyed by the file's SHA-256)."""
+    path = folder / f"{content_key(RELEASE_CACHE_VERSION, checkpoints.fingerprint(source))[:32]}.safetensors"
+    if read_tensors_entry(path) is None:
+        canonical = load_canonical(source)
+        pos_grid(canonical, str(source))
+        write_tensors_entry(path, canonical)
+    return path
+
+
+def build_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
+    """The configured dense tasks with their splits, metrics and evaluators."""
+    _, _, root = _release_paths(cfg)
+    return [_build_task(cfg, name, root) for name in cfg["tasks"]["names"]]
+
+
+def _build_task(cfg: Mapping[str, Any], name: str, root: Path) -> Task:
+    tasks_cfg, size = cfg["tasks"], cfg["encoder"]["image_size"]
+    decoder = _decoder_of(tasks_cfg, name)
+    if name in IN_FRAMEWORK:
+        reader = datasets.ADE20k if name == "ade20k" else datasets.NYUDepth
+        train_all = reader(root, "train", image_size=size, target="input")
+        test = reader(root, "val" if name == "ade20k" else "test", image_size=size, target="original")
+    else:
+        read_images = datasets.bedlam_images if name == "bedlam" else datasets.mapfree_images
+        train_all = read_images(root, "train", image_size=size)
+        test = read_images(root, "val", image_size=size)
+    kept, held_out = datasets.holdout_indices(len(train_all), tasks_cfg["val_fraction"], seed=0)
+    train_cap, eval_cap = tasks_cfg["max_train_images"], tasks_cfg["max_eval_images"]
+    parts = {"train": (train_all, kept[:train_cap]), "val": (train_all, held_out[:eval_cap]),
+             "test": (test, list(range(len(test)))[:eval_cap])}
+    splits = {split: _split(dataset, indices, tasks_cfg["num_workers"]) for split, (dataset, indices) in parts.items()}
+    if isinstance(decoder, external.ExternalDecoder):
+        spec = tasks_cfg["external"][name]
+        metric = _Reported(spec.get("metric", "score"), bool(spec.get("higher_is_better", True)))
+        evaluator = _external_evaluator(name, decoder, root, cfg["paths"]["cache_dir"])
+        return Task(name, "external", 0, splits, lambda: metric, evaluator=evaluator)
+    metric_factory: Callable[[], Any] = (SegmentationMIoU if name == "ade20k"
+                                         else lambda: DepthRMSE(eval_box=test.eval_box()))
+    kind = IN_FRAMEWORK[name]
+    return Task(name, kind, datasets.ADE_NUM_CLASSES if kind == "segmentation" else 1, splits, metric_factory,
+                evaluator=_decoder_evaluator(decoder, splits, metric_factory))
+
+
+def _split(dataset: Dataset, indices: list[int], num_workers: int) -> DatasetSplit:
+    description = {**dataset.description(), "indices": indices}  # type: ignore[attr-defined]
+    return DatasetSplit(Subset(dataset, indices), description, num_workers, collate=datasets.collate_dense)
+
+
+class _Reported:
+    """The metric an external command reports (name and direction from the config); never accumulated here."""
+
+    def __init__(self, name: str, higher_is_better: bool) -> None:
+        self.name, self.higher_is_better = name, higher_is_better
+
+
+def feature_spec(decoder: str, depth: int) -> dict[str, Any]:
+    """The decoder's feature spec (spec §3) for an encoder of `depth` blocks: ViT-B's block indices mapped to the
+    same relative depth (block 11 of 12 is always the last one)."""
+    spec = dict(FEATURE_SPECS[decoder])
+    spec["layers"] = [round((layer + 1) * depth / SPEC_DEPTH) - 1 for layer in spec["layers"]]
+    return spec
+
+
+@torch.no_grad()
+def _packed(encoder: DenseViT, split: DatasetSplit, spec: Mapping[str, Any], batch_size: int) -> tuple[torch.Tensor, list[Any]]:
+    """Packed intermediate features (`pack_features`, CPU float32) of a split and its target batches; the cls token
+    is always packed (a decoder that does not read it ignores it)."""
+    spec = {**spec, "with_cls": True}
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    features, targets = [], []
+    for images, target in split.batches(batch_size):
+        features.append(pack_features(encoder.intermediate(images.to(device), **spec)).float().cpu())
+        targets.append(target)
+    return torch.cat(features), targets
+
+
+def _decoder_evaluator(decoder_name: str, splits: Mapping[str, DatasetSplit],
+                       metric_factory: Callable[[], Any]) -> Callable[..., dict[str, float]]:
+    """Eval of an in-framework dense task: its decoder trained on the frozen encoder's train features (the
+    decoder protocol's epochs, lr, batch, weight decay, seed), then its metric on each split asked for."""
+
+    def evaluate(encoder: DenseViT, wanted: tuple[str, ...], protocol: Any) -> dict[str, float]:
+        spec = feature_spec(decoder_name, len(encoder.blocks))
+        features, targets = _packed(encoder, splits["train"], spec, protocol.feature_batch_size)
+        torch.manual_seed(protocol.seed)
+        module = PackedInput(build_dense_decoder(decoder_name, encoder.embed_dim), encoder.grid_size)
+        train_module(module, features, torch.cat(targets), dense_loss(decoder_name), protocol.epochs, protocol.lr,
+                     protocol.batch_size, protocol.seed, protocol.weight_decay)
+        scores = {}
+        for split in wanted:
+            features, targets = _packed(encoder, splits[split], spec, protocol.feature_batch_size)
+            metric, start = metric_factory(), 0
+            for target in targets:
+                metric.update(predict(module, features[start : start + len(target)]), target)
+                start += len(target)
+            scores[split] = metric.compute()
+        return scores
+
+    return evaluate
+
+
+def canonical_weights(encoder: DenseViT) -> dict[str, torch.Tensor]:
+    """The canonical state dict of a loaded encoder (the fold undone with a zero cls position, which computes the
+    same function), for exports to external decoders."""
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    if "reg_token" in state:
+        state["register_tokens"] = state.pop("reg_token")
+        pos = state["pos_embed"]
+        state["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    return state
+
+
+def _external_evaluator(name: str, decoder: external.ExternalDecoder, root: Path, cache_dir: str) -> Callable[..., dict[str, float]]:
+    """Eval of an external task: the merged encoder exported in the decoder's layout and scored by its command."""
+
+    def evaluate(encoder: DenseViT, wanted: tuple[str, ...], protocol: Any) -> dict[str, float]:
+        canonical = canonical_weights(encoder)
+        results = {split: external.evaluate(decoder, canonical, root, split, protocol.seed, cache_dir, name) for split in wanted}
+        return {split: result.value if math.isfinite(result.value) else math.nan for split, result in results.items()}
+
+    return evaluate

@@ -1,0 +1,119 @@
+"""The dense setting end to end: `tasks=dune4` on tiny DUNE-format releases and generated data trees, two tasks
+with in-framework decoders (ADE20k, NYUd) and two through external commands (BEDLAM, MapFree)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from taskmerge.config import register_configs, to_plain
+from taskmerge.errors import UserError
+from taskmerge.experiment import run_experiment
+from taskmerge.settings.dense import demo_data
+from taskmerge.settings.dense.encoder import CONFIGS, DenseViT
+from taskmerge.settings.dense.releases import export, load_canonical
+from taskmerge.settings.dense.setting import canonical_weights, feature_spec
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, reg_tokens=4, image_size=56, native_size=56)
+FAKE_DECODER = '''import hashlib, json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+digest = hashlib.sha256(open(args["--encoder"], "rb").read()).hexdigest()
+with open(args["--out"] + "/metrics.json", "w") as handle:
+    json.dump({"metric": "score", "value": int(digest[:8], 16) / 2**32, "higher_is_better": True}, handle)
+'''
+
+
+def _compose(*overrides: str) -> dict:
+    register_configs()
+    with initialize_config_module(config_module="taskmerge.configs", version_base="1.3"):
+        return to_plain(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def dune_release(tmp_path_factory) -> dict:
+    """Generated data trees and a tiny base + four fine-tuned encoders saved as DUNE `{model, args, iter}` files."""
+    root = tmp_path_factory.mktemp("dune")
+    data = root / "data"
+    demo_data.write_ade20k_tree(data, 10, 4, 0)
+    demo_data.write_nyu_tree(data, 10, 4, 0)
+    demo_data.write_bedlam_tree(data, 6, 2, 0)
+    demo_data.write_mapfree_tree(data, 5, 0)
+    torch.manual_seed(0)
+    base = canonical_weights(DenseViT(**TINY))
+    paths = {"base": export(base, "dune", root / "base.pth")}
+    for i, name in enumerate(["ade20k", "nyud", "bedlam", "mapfree"]):
+        generator = torch.Generator().manual_seed(i + 1)
+        moved = {k: v + 0.02 * v.abs().mean() * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        paths[name] = export(moved, "dune", root / f"{name}.pth")
+    script = root / "fake_decoder.py"
+    script.write_text(FAKE_DECODER)
+    command = f"{sys.executable} {script} --encoder {{encoder}} --out {{out_dir}} --split {{split}} --data {{data_root}}"
+    return {"data": data, "paths": paths, "command": command}
+
+
+def _config(release: dict, cache: Path, *overrides: str) -> dict:
+    cfg = _compose("tasks=dune4", *[f"encoder.{k}={v}" for k, v in TINY.items()], f"paths.data={release['data']}",
+                   "logger=none", "device=cpu", "decoder.epochs=2", "decoder.batch_size=4", "tap.n_samples=3",
+                   "tasks.num_workers=0", "tasks.val_fraction=0.25", "method.search.alpha=[0.3,0.8]", *overrides)
+    cfg["paths"]["cache_dir"] = str(cache)
+    cfg["tasks"]["base"] = str(release["paths"]["base"])
+    cfg["tasks"]["finetuned"] = {n: str(release["paths"][n]) for n in cfg["tasks"]["names"]}
+    external = {"command": release["command"], "layout": "dune", "timeout_s": 60, "metric": "score", "higher_is_better": True}
+    cfg["tasks"]["external"] = {n: dict(external) for n in ("bedlam", "mapfree") if n in cfg["tasks"]["names"]}
+    return cfg
+
+
+def test_dune4_end_to_end_with_in_framework_and_external_decoders(dune_release, tmp_path):
+    run_dir = tmp_path / "run"
+    selection = run_experiment(_config(dune_release, tmp_path / "cache"), run_dir)
+    rows = [json.loads(line) for line in (run_dir / "candidates.jsonl").read_text().splitlines()]
+    assert [r["hparams"] for r in rows] == [{"alpha": 0.3}, {"alpha": 0.8}] and not any(r.get("error") for r in rows)
+    assert all(set(r["tap"]) == {"ade20k", "nyud", "bedlam", "mapfree", "mean"} for r in rows)
+    final = selection["final"]
+    assert 0 <= final["ade20k"] <= 100 and 0 < final["nyud"] < 10 and all(math.isfinite(final[t]) for t in ("bedlam", "mapfree"))
+    assert len(list((tmp_path / "cache" / "dense_release").glob("*.safetensors"))) == 5, "releases converted once each"
+    assert list((tmp_path / "cache" / "external").glob("*.json")), "external results are cached"
+
+
+def test_merged_encoder_exports_compute_the_same_function(dune_release):
+    canonical = load_canonical(dune_release["paths"]["ade20k"])
+    encoder = DenseViT(**TINY)
+    encoder.load_state_dict(encoder.encoder_weights(canonical))
+    again = DenseViT(**TINY)
+    again.load_state_dict(again.encoder_weights(canonical_weights(encoder)))
+    images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(encoder.features(images, "tokens"), again.features(images, "tokens"), atol=1e-6)
+
+
+def test_missing_releases_and_decoders_are_named_before_any_work(dune_release, tmp_path):
+    cfg = _config(dune_release, tmp_path / "cache")
+    cfg["tasks"]["finetuned"]["nyud"] = str(tmp_path / "nope.pth")
+    with pytest.raises(UserError, match=r"tasks.finetuned.nyud=.*nope.pth"):
+        run_experiment(cfg, tmp_path / "run")
+    cfg = _config(dune_release, tmp_path / "cache")
+    cfg["tasks"]["external"] = {}
+    with pytest.raises(UserError, match=r"task 'bedlam' has no in-framework decoder: set tasks.external.bedlam.command"):
+        run_experiment(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="position grid is 4x4 \\(56 px\\).*encoder.native_size=56"):
+        run_experiment(_config(dune_release, tmp_path / "cache", "encoder.native_size=448"), tmp_path / "run2")
+    assert not (tmp_path / "run" / "candidates.jsonl").exists()
+
+
+def test_encoder_options_equal_the_named_architectures():
+    for name, config in CONFIGS.items():
+        option = OmegaConf.load(Path(__file__).resolve().parents[1] / "taskmerge" / "configs" / "encoder" / f"{name}.yaml")
+        assert (option.embed_dim, option.depth, option.num_heads, option.reg_tokens, option.interpolation, option.native_size) == (
+            config.embed_dim, config.depth, config.num_heads, config.reg_tokens, config.interpolation, config.native_size)
+
+
+def test_feature_specs_keep_their_relative_depth():
+    assert feature_spec("dpt", 12)["layers"] == [2, 5, 8, 11] and feature_spec("dpt", 4)["layers"] == [0, 1, 2, 3]
+    assert feature_spec("linear_seg", 2)["layers"] == [1]

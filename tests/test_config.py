@@ -33,7 +33,8 @@ def test_default_config_is_the_builtin_ta_tap_run():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_group_option_composes(group, option):
-    setting = ["tasks=clip8"] if option.startswith("clip_") else []  # CLIP encoders go with CLIP tasks
+    # each encoder family composes with its own task sets (CLIP with clip8, DUNE/DINOv2 with dune4)
+    setting = ["tasks=clip8"] if option.startswith("clip_") else ["tasks=dune4"] if option.startswith(("dune_", "dinov2_")) else []
     cfg = _compose([*setting, f"{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)
 

@@ -14,7 +14,7 @@ from taskmerge.settings.dense.encoder import DenseViT
 from taskmerge.settings.dense.releases import read_release
 
 TINY = DemoConfig(image_size=28, embed_dim=32, depth=2, num_heads=2, n_train=6, n_val=2, n_generic=4,
-                  pretrain_epochs=1, probe_epochs=1, finetune_epochs=1, finetune_lr=1e-3, batch_size=4, sig_warmup=1)
+                  pretrain_epochs=1, probe_epochs=1, finetune_epochs=1, finetune_lr=(1e-3, 1e-3), batch_size=4, sig_warmup=1)
 
 
 @pytest.fixture(scope="module")

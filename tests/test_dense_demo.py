@@ -9,7 +9,7 @@ import torch
 
 from taskmerge.cache import DamagedCacheEntry
 from taskmerge.settings.dense.datasets import ADE20k, NYUDepth
-from taskmerge.settings.dense.demo import TASKS, DemoConfig, build_demo, from_canonical, to_canonical
+from taskmerge.settings.dense.demo import TASKS, DemoConfig, DemoRelease, build_demo, from_canonical, to_canonical
 from taskmerge.settings.dense.encoder import DenseViT
 from taskmerge.settings.dense.releases import read_release
 
@@ -18,18 +18,18 @@ TINY = DemoConfig(image_size=28, embed_dim=32, depth=2, num_heads=2, n_train=6, 
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoRelease]:
     """A tiny demo built once for the module's tests."""
     cache = tmp_path_factory.mktemp("cache")
     return cache, build_demo(cache, TINY)
 
 
-def _mtimes(release) -> dict[Path, int]:
+def _mtimes(release: DemoRelease) -> dict[Path, int]:
     """Modification times of a demo's release files."""
     return {path: path.stat().st_mtime_ns for path in (release.base, *release.finetuned.values())}
 
 
-def test_releases_read_back_as_dune_and_data_as_the_real_layouts(built) -> None:
+def test_releases_read_back_as_dune_and_data_as_the_real_layouts(built: tuple[Path, DemoRelease]) -> None:
     _, release = built
     assert set(release.finetuned) == set(TASKS) == {"ade20k", "nyud"}
     for path in (release.base, *release.finetuned.values()):
@@ -40,7 +40,7 @@ def test_releases_read_back_as_dune_and_data_as_the_real_layouts(built) -> None:
     assert len(NYUDepth(release.data_root, "train", 28)) == 6 and len(NYUDepth(release.data_root, "test", 28)) == 2
 
 
-def test_finetuned_encoders_differ_from_the_base(built) -> None:
+def test_finetuned_encoders_differ_from_the_base(built: tuple[Path, DemoRelease]) -> None:
     _, release = built
     base = read_release(release.base).canonical
     for path in release.finetuned.values():
@@ -59,7 +59,7 @@ def test_canonical_round_trip_is_exact() -> None:
     assert all(torch.equal(value, canonical[key]) for key, value in to_canonical(back).items())
 
 
-def test_second_call_reuses_the_cache(built, capsys: pytest.CaptureFixture[str]) -> None:
+def test_second_call_reuses_the_cache(built: tuple[Path, DemoRelease], capsys: pytest.CaptureFixture[str]) -> None:
     cache, release = built
     before = _mtimes(release)
     again = build_demo(cache, TINY)
@@ -67,7 +67,7 @@ def test_second_call_reuses_the_cache(built, capsys: pytest.CaptureFixture[str])
     assert "building" not in capsys.readouterr().out
 
 
-def test_a_damaged_file_is_detected_and_rebuilt(built, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_file_is_detected_and_rebuilt(built: tuple[Path, DemoRelease], capsys: pytest.CaptureFixture[str]) -> None:
     cache, release = built
     reference = read_release(release.finetuned["nyud"]).canonical
     with release.finetuned["nyud"].open("r+b") as handle:
@@ -81,7 +81,7 @@ def test_a_damaged_file_is_detected_and_rebuilt(built, capsys: pytest.CaptureFix
     assert all(torch.equal(rebuilt[key], reference[key]) for key in reference)  # deterministic given the seed
 
 
-def test_a_damaged_data_file_is_detected(built) -> None:
+def test_a_damaged_data_file_is_detected(built: tuple[Path, DemoRelease]) -> None:
     cache, release = built
     split = release.data_root / "nyu" / "nyu_train.txt"
     split.write_text(split.read_text() + "\n")

@@ -265,10 +265,10 @@ def load_dinov2_head(head: nn.Module, checkpoint: Mapping[str, torch.Tensor]) ->
     head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
 
 
-def build_dense_decoder(name: str, embed_dim: int) -> nn.Module:
-    """Decoder factory by `FEATURE_SPECS` name: `linear_seg` (ADE20k), `linear_depth` or `dpt` (NYU)."""
+def build_dense_decoder(name: str, embed_dim: int, num_classes: int = ADE_NUM_CLASSES) -> nn.Module:
+    """Decoder factory by `FEATURE_SPECS` name: `linear_seg` (ADE20k, `num_classes`), `linear_depth` or `dpt` (NYU)."""
     if name == "linear_seg":
-        return LinearSegHead(embed_dim)
+        return LinearSegHead(embed_dim, num_classes)
     if name == "linear_depth":
         return LinearDepthHead(embed_dim, num_layers=len(FEATURE_SPECS[name]["layers"]))
     if name == "dpt":
@@ -276,10 +276,11 @@ def build_dense_decoder(name: str, embed_dim: int) -> nn.Module:
     raise ValueError(f"unknown dense decoder {name!r}; expected one of {list(FEATURE_SPECS)}")
 
 
-def dense_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss of a decoder: cross-entropy (ignore 255) for `linear_seg`, a fresh `SigLoss` for depth."""
+def dense_loss(name: str, warm_iter: int = 100) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of a decoder: cross-entropy (ignore 255) for `linear_seg`, a fresh `SigLoss` (mean term
+    only for its first `warm_iter` steps) for depth."""
     if name == "linear_seg":
         return segmentation_loss
     if name in ("linear_depth", "dpt"):
-        return SigLoss()
+        return SigLoss(warm_iter)
     raise ValueError(f"unknown dense decoder {name!r}; expected one of {list(FEATURE_SPECS)}")

@@ -38,6 +38,7 @@ class DenseTasksConfig:
     finetuned: dict[str, str] = field(default_factory=dict)
     decoders: dict[str, str] = field(default_factory=lambda: {"ade20k": "linear_seg", "nyud": "linear_depth"})
     external: dict[str, Any] = field(default_factory=dict)
+    seg_classes: int = count(150, low=2)  # classes the ADE20k head predicts (150; the generated demo tree uses 6)
     val_fraction: float = checked(0.1, number_in(0, 1, low_open=True, high_open=True), "a number in (0, 1)")
     max_train_images: Optional[int] = checked(None, optional(int_at_least(2)), "null or an integer >= 2")
     max_eval_images: Optional[int] = checked(None, optional(int_at_least(1)), "null or an integer >= 1")

@@ -36,6 +36,7 @@ EXTERNAL_ONLY = ("bedlam", "mapfree")  # tasks whose decoders live in another co
 DATASET_OF = {"ade20k": "ade20k", "nyud": "nyu", "bedlam": "bedlam", "mapfree": "mapfree"}  # task -> data reader
 RELEASE_CACHE_VERSION = 1
 SPEC_DEPTH = 12  # FEATURE_SPECS count blocks of a 12-block ViT-B; other depths take the same relative blocks
+SIGLOSS_WARMUP = 100 / 38_400  # DINOv2's NYU protocol: SigLoss's mean-term warm-up is 100 of 38,400 iterations
 
 
 def create_encoder(name: str, **kwargs: Any) -> nn.Module:
@@ -57,6 +58,9 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         raise UserError("method=adamerging is not available for the dense setting yet (its learned weights would be folded "
                         "twice); use a searched method (ta, ties, tsv, star, consensus, ...)")
     if tasks_cfg["demo"]:
+        demo_tasks = ("ade20k", "nyud")
+        if any(n not in demo_tasks for n in names):
+            raise UserError(f"tasks.demo=true generates {list(demo_tasks)} only; got tasks.names={names}")
         return  # the demo generates its data and releases when the zoo is loaded
     datasets.check_layout([DATASET_OF[n] for n in names], _required(tasks_cfg, "data_location", "paths.data=DIR"))
     files = {"tasks.base": tasks_cfg["base"], **{f"tasks.finetuned.{n}": tasks_cfg["finetuned"].get(n) for n in names}}
@@ -91,9 +95,11 @@ def _release_paths(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]
     """(base, fine-tuned per task, data root) of the configured release, or of the generated demo."""
     tasks_cfg = cfg["tasks"]
     if tasks_cfg["demo"]:
-        from taskmerge.settings.dense.demo import build_demo
+        from taskmerge.settings.dense.demo import DemoConfig, build_demo
 
-        demo = build_demo(cfg["paths"]["cache_dir"])
+        encoder_cfg = cfg["encoder"]  # the demo zoo is trained for the configured architecture
+        architecture = {k: encoder_cfg[k] for k in ("embed_dim", "depth", "num_heads", "reg_tokens", "image_size")}
+        demo = build_demo(cfg["paths"]["cache_dir"], DemoConfig(**architecture, seed=cfg["seed"]))
         return demo.base, {n: demo.finetuned[n] for n in tasks_cfg["names"]}, demo.data_root
     return (Path(tasks_cfg["base"]), {n: Path(tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
             _required(tasks_cfg, "data_location", "paths.data=DIR"))
@@ -152,11 +158,12 @@ def _build_task(cfg: Mapping[str, Any], name: str, root: Path) -> Task:
         metric = _Reported(spec.get("metric", "score"), bool(spec.get("higher_is_better", True)))
         evaluator = _external_evaluator(name, decoder, root, cfg["paths"]["cache_dir"])
         return Task(name, "external", 0, splits, lambda: metric, evaluator=evaluator)
-    metric_factory: Callable[[], Any] = (SegmentationMIoU if name == "ade20k"
+    classes = tasks_cfg["seg_classes"]
+    metric_factory: Callable[[], Any] = ((lambda: SegmentationMIoU(classes)) if name == "ade20k"
                                          else lambda: DepthRMSE(eval_box=test.eval_box()))
     kind = IN_FRAMEWORK[name]
-    return Task(name, kind, datasets.ADE_NUM_CLASSES if kind == "segmentation" else 1, splits, metric_factory,
-                evaluator=_decoder_evaluator(decoder, splits, metric_factory))
+    outputs = classes if kind == "segmentation" else 1
+    return Task(name, kind, outputs, splits, metric_factory, evaluator=_decoder_evaluator(decoder, outputs, splits, metric_factory))
 
 
 def _split(dataset: Dataset, indices: list[int], num_workers: int) -> DatasetSplit:
@@ -193,7 +200,7 @@ def _packed(encoder: DenseViT, split: DatasetSplit, spec: Mapping[str, Any], bat
     return torch.cat(features), targets
 
 
-def _decoder_evaluator(decoder_name: str, splits: Mapping[str, DatasetSplit],
+def _decoder_evaluator(decoder_name: str, num_outputs: int, splits: Mapping[str, DatasetSplit],
                        metric_factory: Callable[[], Any]) -> Callable[..., dict[str, float]]:
     """Eval of an in-framework dense task: its decoder trained on the frozen encoder's train features (the
     decoder protocol's epochs, lr, batch, weight decay, seed), then its metric on each split asked for."""
@@ -202,9 +209,11 @@ def _decoder_evaluator(decoder_name: str, splits: Mapping[str, DatasetSplit],
         spec = feature_spec(decoder_name, len(encoder.blocks))
         features, targets = _packed(encoder, splits["train"], spec, protocol.feature_batch_size)
         torch.manual_seed(protocol.seed)
-        module = PackedInput(build_dense_decoder(decoder_name, encoder.embed_dim), encoder.grid_size)
-        train_module(module, features, torch.cat(targets), dense_loss(decoder_name), protocol.epochs, protocol.lr,
-                     protocol.batch_size, protocol.seed, protocol.weight_decay)
+        module = PackedInput(build_dense_decoder(decoder_name, encoder.embed_dim, num_outputs), encoder.grid_size)
+        steps = protocol.epochs * math.ceil(len(features) / protocol.batch_size)
+        loss = dense_loss(decoder_name, warm_iter=round(steps * SIGLOSS_WARMUP))  # the reference's share of the run
+        train_module(module, features, torch.cat(targets), loss, protocol.epochs, protocol.lr, protocol.batch_size,
+                     protocol.seed, protocol.weight_decay)
         scores = {}
         for split in wanted:
             features, targets = _packed(encoder, splits[split], spec, protocol.feature_batch_size)

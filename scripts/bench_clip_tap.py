@@ -11,25 +11,15 @@ cost as real ones); both paths use the same weights and batches.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _timing import wall_seconds
 
 from taskmerge.settings import create_encoder
 from taskmerge.settings.clip.encoder import random_init_clip
 from taskmerge.selection.tap import compute_tap
 from taskmerge.tasks import Samples
 
-
-def _seconds(fn, device: torch.device) -> float:
-    """Wall time of `fn()`, synchronising CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -70,7 +60,7 @@ def main() -> None:
         def tap() -> None:
             compute_tap(student, unlabeled, teachers, "pooled", "l2", batch)
 
-        plain_rate, tap_rate = total / _seconds(plain, device), total / _seconds(tap, device)
+        plain_rate, tap_rate = total / wall_seconds(plain, device), total / wall_seconds(tap, device)
         print(f"| {batch} | {plain_rate:.1f} images/s | {tap_rate:.1f} images/s | {tap_rate / plain_rate:.2f} |")
 
 

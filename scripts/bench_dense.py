@@ -13,10 +13,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _timing import wall_seconds
 
 from taskmerge.settings.dense.encoder import create_dense_encoder
 from taskmerge.settings.dense.setting import canonical_weights
@@ -42,15 +42,6 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": resource.ge
 """
 
 
-def _seconds(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
 
 def tap_throughput(images: int, tasks: int, batch: int, device: torch.device) -> None:
     """TAP (tokens, l2) of a student against cached teacher features vs a plain `features` loop, images/s."""
@@ -70,8 +61,8 @@ def tap_throughput(images: int, tasks: int, batch: int, device: torch.device) ->
                     student.features(batch_images.to(device), "tokens").float().cpu()
 
     total = images * tasks
-    plain_rate = total / _seconds(plain, device)
-    tap_rate = total / _seconds(lambda: compute_tap(student, unlabeled, teachers, "tokens", "l2", batch), device)
+    plain_rate = total / wall_seconds(plain, device)
+    tap_rate = total / wall_seconds(lambda: compute_tap(student, unlabeled, teachers, "tokens", "l2", batch), device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"ViT-B/14 (DUNE) at 448 px, {tasks} tasks × {images} images, batch {batch}; {where}\n")
     print("| plain features loop | TAP (tokens, l2) | TAP / plain |\n|---|---|---|")

@@ -102,6 +102,10 @@ def test_missing_releases_and_decoders_are_named_before_any_work(dune_release, t
     cfg["tasks"]["external"] = {}
     with pytest.raises(UserError, match=r"task 'bedlam' has no in-framework decoder: set tasks.external.bedlam.command"):
         run_experiment(cfg, tmp_path / "run")
+    cfg = _config(dune_release, tmp_path / "cache")
+    cfg["tasks"]["external"]["bedlam"]["timeout"] = 5
+    with pytest.raises(UserError, match=r"tasks.external.bedlam=.*unknown keys \['timeout'\]"):
+        run_experiment(cfg, tmp_path / "run")
     with pytest.raises(UserError, match="position grid is 4x4 \\(56 px\\).*encoder.native_size=56"):
         run_experiment(_config(dune_release, tmp_path / "cache", "encoder.native_size=448"), tmp_path / "run2")
     assert not (tmp_path / "run" / "candidates.jsonl").exists()

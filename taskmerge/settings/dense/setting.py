@@ -10,6 +10,7 @@ MapFree by an external command (`tasks.external.<task>`), fed the merged encoder
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -80,8 +81,12 @@ def _decoder_of(tasks_cfg: Mapping[str, Any], name: str) -> str | external.Exter
     """Task `name`'s decoder: an external command if `tasks.external.<name>` is set, else its in-framework one."""
     spec = tasks_cfg["external"].get(name)
     if spec is not None:
-        options = {k: v for k, v in dict(spec).items() if k not in ("metric", "higher_is_better")}
-        return external.ExternalDecoder(**options)
+        allowed = {f.name for f in fields(external.ExternalDecoder)} | {"metric", "higher_is_better"}
+        unknown = sorted(set(spec) - allowed) if isinstance(spec, Mapping) else None
+        if unknown is None or unknown or "command" not in spec:
+            raise UserError(f"tasks.external.{name}={spec!r}: expected a mapping with `command` and optionally "
+                            f"{sorted(allowed - {'command'})}" + (f"; unknown keys {unknown}" if unknown else ""))
+        return external.ExternalDecoder(**{k: v for k, v in spec.items() if k not in ("metric", "higher_is_better")})
     if name not in IN_FRAMEWORK:
         raise UserError(f"task {name!r} has no in-framework decoder: set tasks.external.{name}.command (see the README's "
                         "external decoder templates) or leave it out of tasks.names")

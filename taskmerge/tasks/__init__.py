@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from taskmerge.errors import UserError
 from taskmerge.tasks.metrics import Metric
 
 SPLITS = ("train", "val", "test")
@@ -132,7 +133,8 @@ class Task:
         """`n` training samples drawn without replacement with `seed` (TAP's unlabeled set), read on demand."""
         train = self.splits["train"]
         if n > len(train):
-            raise ValueError(f"task {self.name!r}: {n} unlabeled images asked for, it has {len(train)} training images")
+            raise UserError(f"task {self.name!r}: {n} unlabeled images asked for (tap.n_samples or method.n_images), it has "
+                            f"{len(train)} training images")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         return Samples(train, order[:n].sort().values)
 

@@ -133,8 +133,8 @@ class Task:
         """`n` training samples drawn without replacement with `seed` (TAP's unlabeled set), read on demand."""
         train = self.splits["train"]
         if n > len(train):
-            raise UserError(f"task {self.name!r}: {n} unlabeled images asked for (tap.n_samples or method.n_images), it has "
-                            f"{len(train)} training images")
+            raise UserError(f"task {self.name!r}: {n} unlabeled images asked for, it has {len(train)} training images "
+                            f"(lower tap.n_samples or method.n_images)")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         return Samples(train, order[:n].sort().values)
 

@@ -19,7 +19,6 @@ import torch
 from _timing import wall_seconds
 
 from taskmerge.settings.dense.encoder import create_dense_encoder
-from taskmerge.settings.dense.setting import canonical_weights
 from taskmerge.selection.tap import compute_tap
 from taskmerge.tasks import Samples
 
@@ -75,7 +74,7 @@ def merge_memory(folder: Path) -> None:
     from taskmerge.settings.dense.releases import export
 
     torch.manual_seed(0)
-    base = canonical_weights(create_dense_encoder("dune_vitb14"))
+    base = create_dense_encoder("dune_vitb14").canonical_weights()
     for index, name in enumerate(["base", "t0", "t1", "t2", "t3"]):
         state = base if name == "base" else {k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}
         export(state, "dune", folder / f"{name}.pth")

@@ -139,12 +139,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_setting_inputs(cfg: Mapping[str, Any]) -> None:
-    """The setting's own checks of the run's inputs (task names, files, encoder fit): cheap, before any work;
-    with several processes every rank runs them, so no rank waits at a barrier for one that failed."""
-    get_setting(cfg["tasks"]["setting"]).check_inputs(cfg)
-
-
 def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Setting:
     """Get the zoo (built once then reused, or converted once from a release) and the tasks of the configured
     setting; with several processes rank 0 builds or converts the zoo while the others wait."""
@@ -288,8 +282,8 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     cfg, setting, timer = pipeline.cfg, pipeline.setting, pipeline.timer
     method_cfg = cfg["method"]
     hparams = adamerging_hparams(method_cfg)
-    learned = [f.name for f in fields(adamerging.AdaMergingConfig) if f.name != "seed"]
-    config = adamerging.AdaMergingConfig(**{k: method_cfg[k] for k in learned}, seed=cfg["seed"])
+    options = [f.name for f in fields(adamerging.AdaMergingConfig) if f.name != "seed"]
+    config = adamerging.AdaMergingConfig(**{k: method_cfg[k] for k in options}, seed=cfg["seed"])
     names = [t.name for t in setting.tasks]
     out = run_dir / "adamerging"
     key = content_key("adamerging", setting.zoo.key, setting.data_identity(), dict(method_cfg), cfg["seed"],

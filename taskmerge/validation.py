@@ -18,6 +18,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from taskmerge import merging
 from taskmerge.errors import UserError
+from taskmerge.settings import get_setting
 
 ADAMERGING = "adamerging"
 SKIPPED_SECTIONS = ("hydra",)
@@ -74,9 +75,7 @@ def check_run(cfg: Mapping[str, Any]) -> None:
     check_method(cfg["method"])
     check_task_names(cfg["tasks"]["names"])
     check_device(cfg["device"])
-    from taskmerge.experiment import check_setting_inputs
-
-    check_setting_inputs(cfg)
+    get_setting(cfg["tasks"]["setting"]).check_inputs(cfg)  # cheap: every rank runs it, no rank waits for a failed one
 
 
 def check_method(method_cfg: Mapping[str, Any]) -> None:

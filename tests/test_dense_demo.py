@@ -9,7 +9,7 @@ import torch
 
 from taskmerge.cache import DamagedCacheEntry
 from taskmerge.settings.dense.datasets import ADE20k, NYUDepth
-from taskmerge.settings.dense.demo import TASKS, DemoConfig, DemoRelease, build_demo, from_canonical, to_canonical
+from taskmerge.settings.dense.demo import TASKS, DemoConfig, DemoRelease, build_demo, from_canonical
 from taskmerge.settings.dense.encoder import DenseViT
 from taskmerge.settings.dense.releases import read_release
 
@@ -52,11 +52,11 @@ def test_finetuned_encoders_differ_from_the_base(built: tuple[Path, DemoRelease]
 def test_canonical_round_trip_is_exact() -> None:
     torch.manual_seed(3)
     model = DenseViT(32, 2, 2, 4, image_size=28, native_size=28)
-    canonical = to_canonical(model)
+    canonical = model.canonical_weights()
     back = from_canonical(canonical, TINY)
     images = torch.randn(2, 3, 28, 28)
     assert torch.equal(back.features(images), model.features(images))
-    assert all(torch.equal(value, canonical[key]) for key, value in to_canonical(back).items())
+    assert all(torch.equal(value, canonical[key]) for key, value in back.canonical_weights().items())
 
 
 def test_second_call_reuses_the_cache(built: tuple[Path, DemoRelease], capsys: pytest.CaptureFixture[str]) -> None:

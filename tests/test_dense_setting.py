@@ -19,7 +19,7 @@ from taskmerge.experiment import run_experiment
 from taskmerge.settings.dense import demo_data
 from taskmerge.settings.dense.encoder import CONFIGS, DenseViT
 from taskmerge.settings.dense.releases import export, load_canonical
-from taskmerge.settings.dense.setting import canonical_weights, feature_spec
+from taskmerge.settings.dense.setting import feature_spec
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, reg_tokens=4, image_size=56, native_size=56)
 FAKE_DECODER = '''import hashlib, json, sys
@@ -46,7 +46,7 @@ def dune_release(tmp_path_factory) -> dict:
     demo_data.write_bedlam_tree(data, 6, 2, 0)
     demo_data.write_mapfree_tree(data, 5, 0)
     torch.manual_seed(0)
-    base = canonical_weights(DenseViT(**TINY))
+    base = DenseViT(**TINY).canonical_weights()
     paths = {"base": export(base, "dune", root / "base.pth")}
     for i, name in enumerate(["ade20k", "nyud", "bedlam", "mapfree"]):
         generator = torch.Generator().manual_seed(i + 1)
@@ -87,7 +87,7 @@ def test_merged_encoder_exports_compute_the_same_function(dune_release):
     encoder = DenseViT(**TINY)
     encoder.load_state_dict(encoder.encoder_weights(canonical))
     again = DenseViT(**TINY)
-    again.load_state_dict(again.encoder_weights(canonical_weights(encoder)))
+    again.load_state_dict(again.encoder_weights(encoder.canonical_weights()))
     images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(encoder.features(images, "tokens"), again.features(images, "tokens"), atol=1e-6)

@@ -225,18 +225,6 @@ def _new_encoder(config: DemoConfig) -> DenseViT:
                     native_size=config.image_size)
 
 
-def to_canonical(model: DenseViT) -> dict[str, torch.Tensor]:
-    """The canonical (DINOv2-named, unfolded) state dict of a trained timm-space encoder: the inverse of
-    `encoder_weights`, with a zero CLS position (its value is already folded into `cls_token`)."""
-    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    pos = state.pop("pos_embed")
-    cls_pos = torch.zeros_like(pos[:, :1]) if model.no_embed_class else None
-    canonical = {"cls_token": state.pop("cls_token"), "pos_embed": pos if cls_pos is None else torch.cat([cls_pos, pos], 1)}
-    if model.reg_token is not None:
-        canonical["register_tokens"] = state.pop("reg_token")
-    return {**canonical, **state}
-
-
 def from_canonical(canonical: dict[str, torch.Tensor], config: DemoConfig) -> DenseViT:
     """A demo encoder holding canonical weights."""
     model = _new_encoder(config)
@@ -278,7 +266,7 @@ def _pretrain(images: torch.Tensor, config: DemoConfig) -> tuple[dict[str, torch
     losses = training.train_module(
         _MaskedReconstruction(model, config.mask_ratio, config.seed), images, images, _reconstruction_loss,
         config.pretrain_epochs, config.pretrain_lr, config.batch_size, config.seed, desc="dense demo: base")
-    return to_canonical(model), losses[-1]
+    return model.canonical_weights(), losses[-1]
 
 
 def demo_decoder(name: str, embed_dim: int) -> nn.Module:
@@ -327,7 +315,7 @@ def _finetune(base: dict[str, torch.Tensor], task: str, images: torch.Tensor, ta
     losses = training.train_module(
         tuned, images, targets, task_loss(task, config), config.finetune_epochs, config.finetune_lr[list(TASKS).index(task)],
         config.batch_size, seed, desc=f"dense demo: fine-tune {task}")
-    return to_canonical(model), losses[-1]
+    return model.canonical_weights(), losses[-1]
 
 
 def _grid(config: DemoConfig) -> tuple[int, int]:

@@ -170,6 +170,17 @@ class DenseViT(VisionTransformer):
         `mask_token` dropped and, with registers, `cls += pos[:, 0]`, `pos = pos[:, 1:]`, `reg_token = register_tokens`."""
         return fold_canonical(state_dict, with_registers=self.reg_token is not None)
 
+    def canonical_weights(self) -> dict[str, torch.Tensor]:
+        """The canonical (DINOv2-named, unfolded) state dict of these weights, the inverse of `encoder_weights`: the
+        CLS position is zero (its value is already folded into `cls_token`), which computes the same function."""
+        state = {key: value.detach().clone() for key, value in self.state_dict().items()}
+        pos = state.pop("pos_embed")
+        canonical = {"cls_token": state.pop("cls_token"),
+                     "pos_embed": torch.cat([torch.zeros_like(pos[:, :1]), pos], 1) if self.no_embed_class else pos}
+        if self.reg_token is not None:
+            canonical["register_tokens"] = state.pop("reg_token")
+        return {**canonical, **state}
+
 
 def fold_canonical(state_dict: Mapping[str, torch.Tensor], with_registers: bool) -> dict[str, torch.Tensor]:
     """timm's `_convert_dinov2` fold of a canonical state dict, without copying the untouched tensors."""

@@ -232,22 +232,11 @@ def _decoder_evaluator(decoder_name: str, num_outputs: int, splits: Mapping[str,
     return evaluate
 
 
-def canonical_weights(encoder: DenseViT) -> dict[str, torch.Tensor]:
-    """The canonical state dict of a loaded encoder (the fold undone with a zero cls position, which computes the
-    same function), for exports to external decoders."""
-    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    if "reg_token" in state:
-        state["register_tokens"] = state.pop("reg_token")
-        pos = state["pos_embed"]
-        state["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-    return state
-
-
 def _external_evaluator(name: str, decoder: external.ExternalDecoder, root: Path, cache_dir: str) -> Callable[..., dict[str, float]]:
     """Eval of an external task: the merged encoder exported in the decoder's layout and scored by its command."""
 
     def evaluate(encoder: DenseViT, wanted: tuple[str, ...], protocol: Any) -> dict[str, float]:
-        canonical = canonical_weights(encoder)
+        canonical = encoder.canonical_weights()
         results = {split: external.evaluate(decoder, canonical, root, split, protocol.seed, cache_dir, name) for split in wanted}
         return {split: result.value if math.isfinite(result.value) else math.nan for split, result in results.items()}
 

@@ -306,8 +306,12 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     with timer.stage("adamerging"):
         result = adamerging.learn(encoder, pretrained, finetuned, images, config, teachers, heads,
                                   pipeline.distributed)
+    # λ was learned over the module's own weights; the rest of the pipeline (and `merged_encoder.safetensors`) works in
+    # the zoo's key space, which `encoder_weights` maps to the module (e.g. the dense setting's cls/pos fold)
+    encoder.load_state_dict(result.merged)
+    merged = encoder.canonical_weights()
     if not pipeline.distributed.is_main:
-        return LearnedMerger(ADAMERGING, hparams, result.merged)
+        return LearnedMerger(ADAMERGING, hparams, merged)
     out.mkdir(parents=True, exist_ok=True)
     rows = result.keys if config.granularity == "layer" else ["all"]
     atomic_write_json(out / "coefficients.json", {
@@ -315,9 +319,9 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
         "coefficients": result.coefficients.tolist(), "losses": result.losses, "seconds": result.seconds,
     })
     plots.plot_coefficients(rows, result.coefficients.tolist(), names, out / "coefficients.png")
-    write_tensors_entry(out / "merged.safetensors", result.merged)
+    write_tensors_entry(out / "merged.safetensors", merged)
     write_text_entry(out / "key.txt", key)  # last: the key vouches for the learned weights
-    return LearnedMerger(ADAMERGING, hparams, result.merged)
+    return LearnedMerger(ADAMERGING, hparams, merged)
 
 
 def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selector: str, run_dir: Path,

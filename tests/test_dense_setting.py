@@ -61,7 +61,8 @@ def dune_release(tmp_path_factory) -> dict:
 def _config(release: dict, cache: Path, *overrides: str) -> dict:
     cfg = _compose("tasks=dune4", *[f"encoder.{k}={v}" for k, v in TINY.items()], f"paths.data={release['data']}",
                    "logger=none", "device=cpu", "decoder.epochs=2", "decoder.batch_size=4", "tap.n_samples=3",
-                   "tasks.num_workers=0", "tasks.val_fraction=0.25", "method.search.alpha=[0.3,0.8]", *overrides)
+                   "tasks.num_workers=0", "tasks.val_fraction=0.25",
+                   *([] if any(o.startswith("method=") for o in overrides) else ["method.search.alpha=[0.3,0.8]"]), *overrides)
     cfg["paths"]["cache_dir"] = str(cache)
     cfg["tasks"]["base"] = str(release["paths"]["base"])
     cfg["tasks"]["finetuned"] = {n: str(release["paths"][n]) for n in cfg["tasks"]["names"]}
@@ -93,6 +94,21 @@ def test_merged_encoder_exports_compute_the_same_function(dune_release):
         assert torch.allclose(encoder.features(images, "tokens"), again.features(images, "tokens"), atol=1e-6)
 
 
+def test_adamerging_tap_learns_in_the_folded_space_and_saves_canonical_weights(dune_release, tmp_path):
+    """AdaMerging-TAP (Tab. 3/4) learns λ over the module's folded weights and hands the pipeline canonical weights:
+    the saved merged encoder reloads through `encoder_weights` into the function that was learned."""
+    run_dir = tmp_path / "run"
+    cfg = _config(dune_release, tmp_path / "cache", "method=adamerging", "method.iterations=3", "method.batch_size=2",
+                  "method.n_images=4", "tasks.names=[ade20k,nyud]", "save_merged=true")
+    selection = run_experiment(cfg, run_dir)
+    merged = load_canonical(run_dir / "merged_encoder.safetensors")
+    assert "register_tokens" in merged and "reg_token" not in merged and merged["pos_embed"].shape[1] == 1 + 16
+    assert torch.equal(merged["pos_embed"][:, 0], torch.zeros_like(merged["pos_embed"][:, 0]))
+    coefficients = json.loads((run_dir / "adamerging" / "coefficients.json").read_text())
+    assert "pos_embed" in coefficients["keys"] and "cls_token" in coefficients["keys"], "λ per folded module weight"
+    assert math.isfinite(selection["final"]["normalized"])
+
+
 def test_missing_releases_and_decoders_are_named_before_any_work(dune_release, tmp_path):
     cfg = _config(dune_release, tmp_path / "cache")
     cfg["tasks"]["finetuned"]["nyud"] = str(tmp_path / "nope.pth")
@@ -108,6 +124,8 @@ def test_missing_releases_and_decoders_are_named_before_any_work(dune_release, t
         run_experiment(cfg, tmp_path / "run")
     with pytest.raises(UserError, match="position grid is 4x4 \\(56 px\\).*encoder.native_size=56"):
         run_experiment(_config(dune_release, tmp_path / "cache", "encoder.native_size=448"), tmp_path / "run2")
+    with pytest.raises(UserError, match="method.loss=entropy needs frozen classification heads.*method.loss=tap"):
+        run_experiment(_config(dune_release, tmp_path / "cache", "method=adamerging", "method.loss=entropy"), tmp_path / "run")
     assert not (tmp_path / "run" / "candidates.jsonl").exists()
 
 

@@ -37,6 +37,10 @@ class BuiltinViT(VisionTransformer):
         """Every key of the state dict: the built-in checkpoints hold nothing but the encoder."""
         return dict(state_dict)
 
+    def canonical_weights(self) -> dict[str, torch.Tensor]:
+        """These weights in the zoo's key space (the inverse of `encoder_weights`): the state dict itself."""
+        return {key: value.detach().clone() for key, value in self.state_dict().items()}
+
     def features(self, images: torch.Tensor, kind: str = "tokens") -> torch.Tensor:
         """Final-norm CLS embedding `[B, D]` (`pooled`) or patch tokens `[B, N, D]` (`tokens`)."""
         tokens = self.forward_features(images)

@@ -87,6 +87,10 @@ class ClipImageEncoder(nn.Module):
         """The image-tower subset of a (merged) release state dict: text leftovers dropped, keys mapped."""
         return {k: v for k, v in to_open_clip_keys(state_dict, source).items() if k.startswith(VISUAL_PREFIX)}
 
+    def canonical_weights(self) -> dict[str, torch.Tensor]:
+        """These weights in a key space `encoder_weights` reads back (open_clip 3.x `visual.*` keys)."""
+        return {key: value.detach().clone() for key, value in self.state_dict().items()}
+
     def features(self, images: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
         """Image embedding `[B, E]` (`pooled`, = `encode_image`) or post-`ln_post` patch tokens `[B, N, W]` (`tokens`)."""
         pooled, tokens = self.visual(images)

@@ -55,9 +55,9 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         raise UserError(f"tasks.names: unknown dense task(s) {unknown}; expected names from {[*IN_FRAMEWORK, *EXTERNAL_ONLY]}")
     for name in names:
         _decoder_of(tasks_cfg, name)
-    if method == "adamerging":
-        raise UserError("method=adamerging is not available for the dense setting yet (its learned weights would be folded "
-                        "twice); use a searched method (ta, ties, tsv, star, consensus, ...)")
+    if method == "adamerging" and cfg["method"]["loss"] == "entropy":
+        raise UserError("method.loss=entropy needs frozen classification heads; the dense tasks have trainable decoders: "
+                        "use method.loss=tap (AdaMerging-TAP, the paper's Tab. 3/4 row)")
     if tasks_cfg["demo"]:
         demo_tasks = ("ade20k", "nyud")
         if any(n not in demo_tasks for n in names):

@@ -18,6 +18,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from taskmerge import merging
 from taskmerge.errors import UserError
+from taskmerge.selection.aggregate import POINTWISE
 from taskmerge.settings import get_setting
 
 ADAMERGING = "adamerging"
@@ -34,7 +35,7 @@ def resolve(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> dict[s
         plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, sections), resolve=True, enum_to_str=True)
     except InterpolationResolutionError as error:
         raise UserError(f"{error.full_key}: {error.msg}") from error
-    _check_fields(cfg, "")
+    check_fields(cfg, "")
     check_run(plain)
     return plain  # type: ignore[return-value]
 
@@ -53,7 +54,7 @@ def _check_encoder_family(cfg: Mapping[str, Any], choices: Mapping[str, Any]) ->
                         f"encoder.name is {needed!r}")
 
 
-def _check_fields(node: DictConfig, prefix: str) -> None:
+def check_fields(node: DictConfig, prefix: str) -> None:
     """Run the `check` of every schema field that declares one, recursively over the config tree."""
     schema = OmegaConf.get_type(node)
     checks = ({f.name: f.metadata["check"] for f in dataclasses.fields(schema) if "check" in f.metadata}
@@ -63,7 +64,7 @@ def _check_fields(node: DictConfig, prefix: str) -> None:
             continue
         value = node[key]
         if isinstance(value, DictConfig):
-            _check_fields(value, f"{prefix}{key}.")
+            check_fields(value, f"{prefix}{key}.")
         elif key in checks and not checks[key].check(value):
             raise UserError(f"{prefix}{key}={value!r} is invalid; expected {checks[key].expected}")
 
@@ -75,6 +76,7 @@ def check_run(cfg: Mapping[str, Any]) -> None:
     check_method(cfg["method"])
     check_task_names(cfg["tasks"]["names"])
     check_device(cfg["device"])
+    check_tap_aggregate(cfg)
     get_setting(cfg["tasks"]["setting"]).check_inputs(cfg)  # cheap: every rank runs it, no rank waits for a failed one
 
 
@@ -107,6 +109,16 @@ def _check_hparam(method: str, hparams: Mapping[str, merging.HParam], option: st
         raise UserError(f"{option}: method={method} has no hyperparameter {key!r}; known: {sorted(hparams)}")
     if not hparams[key].check(value):
         raise UserError(f"{option}={value!r} is invalid for method={method}; expected {hparams[key].expected}")
+
+
+def check_tap_aggregate(cfg: Mapping[str, Any]) -> None:
+    """An adaptive search steers by each candidate's own score, which a TAP aggregation relative to the whole
+    candidate set does not give."""
+    aggregate = cfg["tap"]["aggregate"]
+    if cfg["search"]["name"] == "optuna" and cfg["selector"]["name"] != "eval" and aggregate not in POINTWISE:
+        raise UserError(f"tap.aggregate={aggregate} scores a candidate against the whole candidate set, which search=optuna "
+                        f"does not have while it steers; expected tap.aggregate={'|'.join(POINTWISE)} with search=optuna, "
+                        f"or search=grid|random")
 
 
 def check_task_names(names: Any) -> None:

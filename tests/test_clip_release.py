@@ -89,6 +89,21 @@ def test_clip_encoder_matches_open_clip_encode_image(clip_releases, clip_cache):
         assert torch.allclose(head(features), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["A", "B"])
+def test_public_load_encoder_reads_a_release_file_directly(clip_releases, fmt):
+    """`taskmerge.load_encoder` on a release's own fine-tuned file (format A: a pickled `ImageEncoder`)."""
+    import taskmerge
+
+    root, saved = clip_releases[fmt]
+    path = root / CLIP_MODEL / ("DTD/finetuned.pt" if fmt == "A" else "DTDVal/nonlinear_finetuned.pt")
+    encoder = taskmerge.load_encoder(path, "clip_vit_b32")
+    reference = random_clip(CLIP_MODEL, seed=123)
+    reference.load_state_dict({k[len("model."):]: v for k, v in saved["DTD"].items()})
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not encoder.training and torch.equal(encoder.features(images, "pooled"), reference.eval().encode_image(images))
+
+
 def test_merge_of_release_keys_keeps_text_leftovers(clip_releases, clip_cache):
     root, _ = clip_releases["B"]
     zoo = release_zoo.get_release_zoo(root, CLIP_MODEL, CLIP_NAMES, "B", clip_cache)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import nn
+
+from taskmerge import checkpoints
 
 from taskmerge.errors import UserError
 from taskmerge.settings.builtin.encoder import BuiltinViT
@@ -68,3 +72,8 @@ def build_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
 def create_encoder(name: str, **kwargs: Any) -> nn.Module:
     """A built-in encoder of family `name` with random weights."""
     return ENCODERS[name](**kwargs)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A built-in encoder file (safetensors or a tensor-only `.pt`), e.g. a run's `merged_encoder.safetensors`."""
+    return checkpoints.load_state_dict(path)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import open_clip
+import torch
 
 from torch import nn
 
@@ -87,3 +88,8 @@ def build_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
 def create_encoder(name: str, **kwargs: Any) -> nn.Module:
     """A CLIP image encoder of family `name` with random weights (the release's weights are loaded after)."""
     return ENCODERS[name](**kwargs)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A CLIP encoder file in any release format (A: pickled `ImageEncoder`, B/C: state dicts) or a run's merged one."""
+    return checkpoints.load_state_dict(path)

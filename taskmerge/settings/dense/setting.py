@@ -241,3 +241,8 @@ def _external_evaluator(name: str, decoder: external.ExternalDecoder, root: Path
         return {split: result.value if math.isfinite(result.value) else math.nan for split, result in results.items()}
 
     return evaluate
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A dense encoder file in any release layout (DUNE, DINOv2, Multi-HMR, safetensors) as canonical weights."""
+    return load_canonical(path)

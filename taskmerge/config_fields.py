@@ -41,5 +41,6 @@ def schema_from(source: type, name: str, drop: Sequence[str] = (), extra: Sequen
     fields = [("name", str, name)]
     for f in dataclasses.fields(source):
         if f.name not in drop:
-            fields.append((f.name, types[f.name], field(default=f.default, metadata=f.metadata)))
+            default = {"default": f.default} if f.default_factory is dataclasses.MISSING else {"default_factory": f.default_factory}
+            fields.append((f.name, types[f.name], field(**default, metadata=f.metadata)))
     return dataclasses.make_dataclass(f"{source.__name__}Schema", [*fields, *extra])

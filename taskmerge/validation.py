@@ -19,6 +19,7 @@ from omegaconf.errors import InterpolationResolutionError
 from taskmerge import merging
 from taskmerge.errors import UserError
 from taskmerge.selection.aggregate import POINTWISE
+from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.settings import get_setting
 
 ADAMERGING = "adamerging"
@@ -77,7 +78,34 @@ def check_run(cfg: Mapping[str, Any]) -> None:
     check_task_names(cfg["tasks"]["names"])
     check_device(cfg["device"])
     check_tap_aggregate(cfg)
+    check_decoder_protocol(cfg)
     get_setting(cfg["tasks"]["setting"]).check_inputs(cfg)  # cheap: every rank runs it, no rank waits for a failed one
+
+
+def check_decoder_protocol(cfg: Mapping[str, Any]) -> None:
+    """`decoder.per_task` names configured tasks and protocol fields with valid values; every task's head (global or
+    its own) is one its setting offers (`DECODER_HEADS`)."""
+    decoder, names = cfg["decoder"], list(cfg["tasks"]["names"])
+    if "per_task" not in decoder:
+        return  # a protocol that trains nothing (frozen heads)
+    protocol_fields = {f.name: f for f in dataclasses.fields(DecoderProtocol) if f.name not in ("per_task", "seed")}
+    for task, overrides in decoder["per_task"].items():
+        if task not in names:
+            raise UserError(f"decoder.per_task.{task}: {task!r} is not in tasks.names={names}")
+        for key, value in overrides.items():
+            option = f"decoder.per_task.{task}.{key}"
+            if key not in protocol_fields:
+                raise UserError(f"{option} is not a decoder protocol field; expected some of {sorted(protocol_fields)}")
+            check = protocol_fields[key].metadata.get("check")
+            if check is not None and not check.check(value):
+                raise UserError(f"{option}={value!r} is invalid; expected {check.expected}")
+    offered = get_setting(cfg["tasks"]["setting"]).DECODER_HEADS
+    for task in names:
+        head = decoder["per_task"].get(task, {}).get("head", decoder["head"])
+        if head is not None and head not in offered.get(task, ()):
+            option = "decoder.head" if "head" not in decoder["per_task"].get(task, {}) else f"decoder.per_task.{task}.head"
+            choices = f"one of {list(offered[task])}" if task in offered else "null: this task has a single decoder"
+            raise UserError(f"{option}={head!r} is invalid for task {task!r}; expected {choices}")
 
 
 def check_method(method_cfg: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ from taskmerge.config import register_configs, to_plain
 from taskmerge.errors import UserError
 from taskmerge.experiment import run_experiment
 from taskmerge.settings.dense import demo_data
+from taskmerge.settings.dense.decoders import build_dense_decoder
 from taskmerge.settings.dense.encoder import CONFIGS, DenseViT
 from taskmerge.settings.dense.releases import export, load_canonical
 from taskmerge.settings.dense.setting import feature_spec
@@ -109,6 +110,29 @@ def test_adamerging_tap_learns_in_the_folded_space_and_saves_canonical_weights(d
     assert math.isfinite(selection["final"]["normalized"])
 
 
+def test_full_protocol_trains_dpt_for_nyud_and_features_per_step_equal_cached_ones(dune_release, tmp_path, monkeypatch):
+    """`decoder=dense_full`: NYUd's decoder is the DPT head with its own optimiser settings; a train split too large to
+    cache is fed per step through the frozen encoder and gives the very same decoder as cached features."""
+    from taskmerge.experiment import build_protocol
+    from taskmerge.selection.evaluation import evaluate_task_splits
+    from taskmerge.settings.dense import setting as dense
+
+    cfg = _config(dune_release, tmp_path / "cache", "decoder=dense_full", "decoder.epochs=1", "decoder.per_task.nyud.epochs=1",
+                  "tasks.names=[ade20k,nyud]")
+    protocol = build_protocol(cfg["decoder"], cfg["seed"])
+    assert protocol.for_task("nyud").head == "dpt" and protocol.for_task("nyud").lr == 1e-4 and protocol.for_task("ade20k").head is None
+    zoo = dense.load_zoo(cfg)
+    tasks = {t.name: t for t in dense.build_tasks(cfg, zoo)}
+    encoder = DenseViT(**TINY).eval()
+    encoder.load_state_dict(encoder.encoder_weights(load_canonical(zoo.base)))
+    built = []
+    monkeypatch.setattr(dense, "build_dense_decoder", lambda *a: built.append(a[0]) or build_dense_decoder(*a))
+    cached = evaluate_task_splits(encoder, tasks["nyud"], ("val",), protocol)
+    monkeypatch.setattr(dense, "FEATURE_CACHE_BYTES", 0)
+    per_step = evaluate_task_splits(encoder, tasks["nyud"], ("val",), protocol)
+    assert built == ["dpt", "dpt"] and math.isfinite(cached["val"]) and per_step == cached
+
+
 def test_missing_releases_and_decoders_are_named_before_any_work(dune_release, tmp_path):
     cfg = _config(dune_release, tmp_path / "cache")
     cfg["tasks"]["finetuned"]["nyud"] = str(tmp_path / "nope.pth")
@@ -124,6 +148,14 @@ def test_missing_releases_and_decoders_are_named_before_any_work(dune_release, t
         run_experiment(cfg, tmp_path / "run")
     with pytest.raises(UserError, match="position grid is 4x4 \\(56 px\\).*encoder.native_size=56"):
         run_experiment(_config(dune_release, tmp_path / "cache", "encoder.native_size=448"), tmp_path / "run2")
+    with pytest.raises(UserError, match=r"decoder.per_task.ade20k.head='dpt' is invalid for task 'ade20k'; expected one of \['linear_seg'\]"):
+        run_experiment(_config(dune_release, tmp_path / "cache", "+decoder.per_task.ade20k.head=dpt"), tmp_path / "run")
+    with pytest.raises(UserError, match=r"decoder.head='dpt' is invalid for task 'bedlam'; expected null: this task has a single"):
+        run_experiment(_config(dune_release, tmp_path / "cache", "decoder.head=dpt", "tasks.names=[nyud,bedlam]"), tmp_path / "run")
+    with pytest.raises(UserError, match=r"decoder.per_task.nyud.lr=-1.0 is invalid; expected"):
+        run_experiment(_config(dune_release, tmp_path / "cache", "+decoder.per_task.nyud.lr=-1.0"), tmp_path / "run")
+    with pytest.raises(UserError, match=r"decoder.per_task.kitti: 'kitti' is not in tasks.names"):
+        run_experiment(_config(dune_release, tmp_path / "cache", "+decoder.per_task.kitti.epochs=1"), tmp_path / "run")
     with pytest.raises(UserError, match="method.loss=entropy needs frozen classification heads.*method.loss=tap"):
         run_experiment(_config(dune_release, tmp_path / "cache", "method=adamerging", "method.loss=entropy"), tmp_path / "run")
     assert not (tmp_path / "run" / "candidates.jsonl").exists()
@@ -153,3 +185,34 @@ def test_dense_demo_is_a_real_merging_problem(tmp_path):
                           for t in ("ade20k", "nyud")) / 2  # ADE ↑ and NYU ↓: the smaller over the larger
     assert base_normalized < selection["final"]["normalized"] < 1.0
     assert selection["agreement"]["n_candidates"] == 10
+
+
+@pytest.mark.parametrize("recipe, encoder, jobs", [("dune_table3", "dune_vitb14", 6), ("dinov2_table4", "dinov2_vitb14", 6),
+                                                   ("dune_subsets", "dune_vitb14", 20)])
+def test_paper_recipes_compose_sweep_and_name_their_files(recipe, encoder, jobs, tmp_path):
+    """The Tab. 3 / Tab. 4 / Fig. 7 recipes: the full protocol (DPT for NYUd), TAP selection, their multirun sweeps,
+    release files under paths.checkpoints, and a named error when that root is not set."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from taskmerge.settings.dense.setting import check_inputs
+
+    data = tmp_path / "data"
+    demo_data.write_ade20k_tree(data, 2, 1, 0)
+    demo_data.write_nyu_tree(data, 2, 1, 0)
+    demo_data.write_bedlam_tree(data, 2, 1, 0)
+    demo_data.write_mapfree_tree(data, 2, 0)
+    overrides = [f"experiment={recipe}", f"paths.checkpoints={tmp_path}", f"paths.data={data}",
+                 *[f"+tasks.external.{n}.command='run {{encoder}} {{out_dir}}'" for n in ("bedlam", "mapfree")]]
+    register_configs()
+    with initialize_config_module(config_module="taskmerge.configs", version_base="1.3"):
+        raw = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = to_plain(OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]))
+    assert cfg["decoder"]["name"] == "dense_full" and cfg["decoder"]["per_task"]["nyud"]["head"] == "dpt"
+    assert cfg["selector"]["name"] == "tap" and cfg["encoder"] == _compose("tasks=dune4", f"encoder={encoder}")["encoder"]
+    sweep = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in raw.hydra.sweeper.params.items()])
+    assert math.prod(len(list(o.sweep_iterator())) for o in sweep) == jobs
+    with pytest.raises(UserError, match=rf"dense release file\(s\) missing: tasks.base={cfg['tasks']['base']}; "):
+        check_inputs(cfg)
+    cfg["tasks"]["checkpoints"] = None
+    with pytest.raises(UserError, match=r"tasks.base=.*base.pth is a relative path but tasks.checkpoints is not set: pass paths.checkpoints"):
+        check_inputs(cfg)

@@ -83,3 +83,22 @@ def test_unlabeled_images_are_seeded_subsets_of_train():
     assert all((train == img.flatten()).all(1).any() for img in first)
     with pytest.raises(ValueError, match="51 unlabeled images asked for, it has 50 training images"):
         task.unlabeled_images(51, 0)
+
+
+def test_protocol_train_subset_is_seeded_and_per_task_overrides_apply():
+    from torch.utils.data import TensorDataset
+
+    from taskmerge.selection.evaluation import DecoderProtocol
+    from taskmerge.tasks import DatasetSplit, Split
+
+    split = Split(torch.arange(40.0).view(40, 1, 1, 1).expand(40, 3, 2, 2).clone(), torch.arange(40))
+    protocol = DecoderProtocol(train_images=10, seed=3, per_task={"digits": {"train_images": None, "lr": 0.5}})
+    chosen = protocol.training_split(split).targets
+    assert len(chosen) == 10 and torch.equal(chosen, protocol.training_split(split).targets)
+    assert not torch.equal(chosen, torch.arange(10)) and torch.equal(chosen, chosen.sort().values), "seeded, not a prefix"
+    assert not torch.equal(chosen, DecoderProtocol(train_images=10, seed=4).training_split(split).targets)
+    digits = protocol.for_task("digits")
+    assert digits.training_split(split) is split and digits.lr == 0.5 and protocol.for_task("shapes") == DecoderProtocol(train_images=10, seed=3)
+    on_disk = DatasetSplit(TensorDataset(split.images, split.targets), {"dataset": "t"})
+    subset = protocol.training_split(on_disk)
+    assert subset.identity()["subset"] == chosen.tolist() and len(subset) == 10

@@ -7,18 +7,20 @@ those tensors: the same result as training through the frozen encoder, at a frac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
-from taskmerge.config_fields import count, non_negative, positive
+from taskmerge.config_fields import checked, count, non_negative, positive
 from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.decoders.training import predict, train_module
 from taskmerge.encoders.extract import extract_split
-from taskmerge.tasks import Task
+from taskmerge.merging._helpers import int_at_least, optional
+from taskmerge.tasks import DatasetSplit, Split, Task
 from taskmerge.tasks.metrics import normalized
 
 
@@ -30,8 +32,25 @@ class DecoderProtocol:
     lr: float = positive(3e-3)
     batch_size: int = count(128)
     weight_decay: float = non_negative(0.01)
+    # decoders train on this many train samples (a seeded subset), all of them when null: the reduced protocols
+    train_images: Optional[int] = checked(None, optional(int_at_least(1)), "null or an integer >= 1")
+    # the decoder head, for tasks that offer several (their setting's `DECODER_HEADS`); null: each task's default
+    head: Optional[str] = None
+    # task -> overrides of the fields above for that task's decoder (e.g. {nyud: {head: dpt, lr: 1.0e-4}})
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
     feature_batch_size: int = count(256)
+
+    def for_task(self, task: str) -> DecoderProtocol:
+        """The protocol of `task`'s decoder: these fields with its `per_task` overrides."""
+        return dataclasses.replace(self, **self.per_task.get(task, {}), per_task={})
+
+    def training_split(self, split: Split | DatasetSplit) -> Split | DatasetSplit:
+        """The part of a train split decoders train on: `train_images` samples drawn with the protocol's seed."""
+        if self.train_images is None or self.train_images >= len(split):
+            return split
+        generator = torch.Generator().manual_seed(self.seed)
+        return split.subset(torch.randperm(len(split), generator=generator)[: self.train_images].sort().values)
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,8 @@ def _score(decoder: nn.Module, encoder: nn.Module, task: Task, split: str, batch
 def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...], protocol: EvalProtocol) -> dict[str, float]:
     """Train `task`'s decoder once on the frozen encoder's train features (or take its frozen head under
     FrozenHeadProtocol); its metric on each of `splits`."""
+    if isinstance(protocol, DecoderProtocol):
+        protocol = protocol.for_task(task.name)
     if task.evaluator is not None and isinstance(protocol, DecoderProtocol):
         return task.evaluator(encoder, splits, protocol)
     if isinstance(protocol, FrozenHeadProtocol):
@@ -63,7 +84,7 @@ def evaluate_task_splits(encoder: nn.Module, task: Task, splits: tuple[str, ...]
         return {split: _score(task.head, encoder, task, split, protocol.feature_batch_size) for split in splits}
     torch.manual_seed(protocol.seed)
     decoder = build_decoder(task.kind, encoder.embed_dim, task.num_outputs, encoder.patch_size, encoder.grid_size)
-    train_features, train_targets = extract_split(encoder, task.splits["train"].batches(protocol.feature_batch_size),
+    train_features, train_targets = extract_split(encoder, protocol.training_split(task.splits["train"]).batches(protocol.feature_batch_size),
                                                   decoder.feature_kind)
     train_module(
         decoder, train_features, train_targets, task.loss, protocol.epochs, protocol.lr, protocol.batch_size,

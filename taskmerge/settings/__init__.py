@@ -6,7 +6,8 @@ CLIP). Adding a setting adds a folder and one line to each table below.
 A setting module (`taskmerge/settings/<name>/setting.py`) exports:
 `check_inputs(cfg)` (cheap, before any work), `load_zoo(cfg) -> Zoo`, `build_tasks(cfg, zoo) -> list[Task]`,
 `create_encoder(family, **kwargs) -> nn.Module`, `read_weights(path) -> state dict` (one encoder file in any layout
-the setting reads, in the zoo's key space that the encoder's `encoder_weights` maps), and `MERGE_DEFAULTS` (merge hyperparameters the setting
+the setting reads, in the zoo's key space that the encoder's `encoder_weights` maps), `DECODER_HEADS` (task →
+the decoder heads a protocol may choose through `decoder.head`, default first), and `MERGE_DEFAULTS` (merge hyperparameters the setting
 supplies unless the user sets them, e.g. CLIP's `exclude`). Its schemas live in a light `schemas.py`
 (`SCHEMAS`: (group, name) → dataclass) so composing a config imports no heavy dependency.
 """

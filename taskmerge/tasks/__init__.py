@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from taskmerge.errors import UserError
 from taskmerge.tasks.metrics import Metric
@@ -39,6 +39,10 @@ class Split:
         """What a cache key must hash to tell this split's data apart: its bytes."""
         return [self.images, self.targets]
 
+    def subset(self, indices: torch.Tensor) -> Split:
+        """The samples at `indices`, as a split."""
+        return Split(self.images[indices], self.targets[indices])
+
 
 @dataclass(frozen=True)
 class DatasetSplit:
@@ -66,6 +70,11 @@ class DatasetSplit:
     def identity(self) -> dict[str, Any]:
         """What a cache key hashes for on-disk data: dataset, split, location, size and preprocessing."""
         return {**self.description, "len": len(self)}
+
+    def subset(self, indices: torch.Tensor) -> DatasetSplit:
+        """The samples at `indices`, as a split read from the same dataset (its identity names them)."""
+        chosen = [int(i) for i in indices]
+        return DatasetSplit(Subset(self.dataset, chosen), {**self.description, "subset": chosen}, self.num_workers, self.collate)
 
 
 @dataclass(frozen=True)

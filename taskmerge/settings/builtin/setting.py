@@ -21,6 +21,7 @@ from taskmerge.zoo import Zoo
 
 ENCODERS = {"builtin_vit": BuiltinViT}
 MERGE_DEFAULTS: dict[str, Any] = {}
+DECODER_HEADS: dict[str, tuple[str, ...]] = {}  # every built-in task has one decoder (its kind's linear head)
 
 
 def check_inputs(cfg: Mapping[str, Any]) -> None:

@@ -30,6 +30,7 @@ MERGE_DEFAULTS: dict[str, Any] = {"exclude": "text_projection"}
 
 ENVIRONMENT = {"data_location": ("paths.data", "TASKMERGE_DATA_DIR"),
                "checkpoints": ("paths.checkpoints", "TASKMERGE_CHECKPOINTS_DIR")}
+DECODER_HEADS: dict[str, tuple[str, ...]] = {}  # one classification decoder per task
 
 
 def required_path(tasks_cfg: Mapping[str, Any], key: str) -> Path:

@@ -72,8 +72,8 @@ class ExternalDecoder:
     """A user command evaluating an exported encoder, with the release layout it reads and its time limit."""
 
     command: str
-    layout: str
-    timeout_s: float
+    layout: str = "dune"  # DUNE's own decoders (Multi-HMR, MASt3R) read the DUNE dict
+    timeout_s: float = 6 * 3600.0
     template: str | None = None  # a release file of `layout` to export into (its other entries are kept)
     env: Mapping[str, str] = field(default_factory=dict)  # set over the inherited environment
 

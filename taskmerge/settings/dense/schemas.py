@@ -27,16 +27,17 @@ class DenseEncoderConfig:
 @dataclass
 class DenseTasksConfig:
     """Dense tasks (ADE20k, NYUd with in-framework decoders; BEDLAM, MapFree through external commands), their
-    data under `data_location`, and the release files of the base and of each fine-tuned encoder."""
+    data under `data_location`, and the release files of the base and of each fine-tuned encoder (relative paths
+    are under `checkpoints`)."""
 
     name: str = "dune4"
     setting: str = "dense"
     encoder_family: str = "dense"
     names: list[str] = field(default_factory=lambda: ["ade20k", "nyud", "bedlam", "mapfree"])
     data_location: Optional[str] = "${paths.data}"
+    checkpoints: Optional[str] = "${paths.checkpoints}"  # root of relative `base` / `finetuned` paths
     base: Optional[str] = None
     finetuned: dict[str, str] = field(default_factory=dict)
-    decoders: dict[str, str] = field(default_factory=lambda: {"ade20k": "linear_seg", "nyud": "linear_depth"})
     external: dict[str, Any] = field(default_factory=dict)
     seg_classes: int = count(150, low=2)  # classes the ADE20k head predicts (150; the generated demo tree uses 6)
     val_fraction: float = checked(0.1, number_in(0, 1, low_open=True, high_open=True), "a number in (0, 1)")

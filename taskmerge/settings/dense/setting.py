@@ -33,11 +33,13 @@ from taskmerge.zoo import Zoo
 ENCODERS = {"dense": DenseViT}
 MERGE_DEFAULTS: dict[str, Any] = {}
 IN_FRAMEWORK = {"ade20k": "segmentation", "nyud": "depth"}  # tasks whose decoders taskmerge trains
+DECODER_HEADS = {"ade20k": ("linear_seg",), "nyud": ("linear_depth", "dpt")}  # `decoder.head` choices; first = default
 EXTERNAL_ONLY = ("bedlam", "mapfree")  # tasks whose decoders live in another codebase
 DATASET_OF = {"ade20k": "ade20k", "nyud": "nyu", "bedlam": "bedlam", "mapfree": "mapfree"}  # task -> data reader
 RELEASE_CACHE_VERSION = 1
 SPEC_DEPTH = 12  # FEATURE_SPECS count blocks of a 12-block ViT-B; other depths take the same relative blocks
 SIGLOSS_WARMUP = 100 / 38_400  # DINOv2's NYU protocol: SigLoss's mean-term warm-up is 100 of 38,400 iterations
+FEATURE_CACHE_BYTES = 4 * 2**30  # train features up to this size are computed once; beyond, per step (real ADE20k/NYU)
 
 
 def create_encoder(name: str, **kwargs: Any) -> nn.Module:
@@ -65,10 +67,22 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         return  # the demo generates its data and releases when the zoo is loaded
     datasets.check_layout([DATASET_OF[n] for n in names], _required(tasks_cfg, "data_location", "paths.data=DIR"))
     files = {"tasks.base": tasks_cfg["base"], **{f"tasks.finetuned.{n}": tasks_cfg["finetuned"].get(n) for n in names}}
-    missing = [f"{option}={path}" for option, path in files.items() if path is None or not Path(path).is_file()]
+    missing = [f"{option}={path}" for option, path in files.items()
+               if path is None or not _release_file(tasks_cfg, option, path).is_file()]
     if missing:
         raise UserError("dense release file(s) missing: " + "; ".join(missing) + " (a DUNE `{model, args, iter}` .pth, a "
                         "DINOv2 state dict, a Multi-HMR checkpoint or safetensors)")
+
+
+def _release_file(tasks_cfg: Mapping[str, Any], option: str, path: str) -> Path:
+    """A release file option's path: as given when absolute, else under `tasks.checkpoints`."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    if tasks_cfg["checkpoints"] is None:
+        raise UserError(f"{option}={path} is a relative path but tasks.checkpoints is not set: pass paths.checkpoints=DIR "
+                        "(or export TASKMERGE_CHECKPOINTS_DIR), or give an absolute path")
+    return Path(tasks_cfg["checkpoints"]).expanduser() / given
 
 
 def _required(tasks_cfg: Mapping[str, Any], key: str, how: str) -> Path:
@@ -78,7 +92,8 @@ def _required(tasks_cfg: Mapping[str, Any], key: str, how: str) -> Path:
 
 
 def _decoder_of(tasks_cfg: Mapping[str, Any], name: str) -> str | external.ExternalDecoder:
-    """Task `name`'s decoder: an external command if `tasks.external.<name>` is set, else its in-framework one."""
+    """Task `name`'s decoder: an external command if `tasks.external.<name>` is set, else "in-framework" (its head
+    is the decoder protocol's choice, `decoder.head`)."""
     spec = tasks_cfg["external"].get(name)
     if spec is not None:
         allowed = {f.name for f in fields(external.ExternalDecoder)} | {"metric", "higher_is_better"}
@@ -90,10 +105,7 @@ def _decoder_of(tasks_cfg: Mapping[str, Any], name: str) -> str | external.Exter
     if name not in IN_FRAMEWORK:
         raise UserError(f"task {name!r} has no in-framework decoder: set tasks.external.{name}.command (see the README's "
                         "external decoder templates) or leave it out of tasks.names")
-    decoder = tasks_cfg["decoders"].get(name)
-    if decoder not in FEATURE_SPECS:
-        raise UserError(f"tasks.decoders.{name}={decoder!r}; expected one of {sorted(FEATURE_SPECS)}")
-    return decoder
+    return "in-framework"
 
 
 def _release_paths(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]:
@@ -106,7 +118,8 @@ def _release_paths(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]
         architecture = {k: encoder_cfg[k] for k in ("embed_dim", "depth", "num_heads", "reg_tokens", "image_size")}
         demo = build_demo(cfg["paths"]["cache_dir"], DemoConfig(**architecture, seed=cfg["seed"]))
         return demo.base, {n: demo.finetuned[n] for n in tasks_cfg["names"]}, demo.data_root
-    return (Path(tasks_cfg["base"]), {n: Path(tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
+    return (_release_file(tasks_cfg, "tasks.base", tasks_cfg["base"]),
+            {n: _release_file(tasks_cfg, f"tasks.finetuned.{n}", tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
             _required(tasks_cfg, "data_location", "paths.data=DIR"))
 
 
@@ -168,7 +181,7 @@ def _build_task(cfg: Mapping[str, Any], name: str, root: Path) -> Task:
                                          else lambda: DepthRMSE(eval_box=test.eval_box()))
     kind = IN_FRAMEWORK[name]
     outputs = classes if kind == "segmentation" else 1
-    return Task(name, kind, outputs, splits, metric_factory, evaluator=_decoder_evaluator(decoder, outputs, splits, metric_factory))
+    return Task(name, kind, outputs, splits, metric_factory, evaluator=_decoder_evaluator(name, outputs, splits, metric_factory))
 
 
 def _split(dataset: Dataset, indices: list[int], num_workers: int) -> DatasetSplit:
@@ -191,41 +204,86 @@ def feature_spec(decoder: str, depth: int) -> dict[str, Any]:
     return spec
 
 
+class _FeaturesPerStep:
+    """Train inputs and targets of a split too large to cache: each index batch is read from disk and run through
+    the frozen encoder when the training loop asks for it (`inputs[index]`, then `targets[index]`)."""
+
+    def __init__(self, encoder: DenseViT, split: DatasetSplit, spec: Mapping[str, Any]) -> None:
+        self.encoder, self.split, self.spec = encoder, split, spec
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _read(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._last is None or not torch.equal(self._last[0], index):
+            images, targets = datasets.collate_dense([self.split.dataset[int(i)] for i in index])
+            self._last = (index, _pack(self.encoder, images, self.spec), targets)
+        return self._last[1], self._last[2]
+
+    @property
+    def inputs(self) -> "_Indexed":
+        return _Indexed(self, 0)
+
+    @property
+    def targets(self) -> "_Indexed":
+        return _Indexed(self, 1)
+
+
+class _Indexed:
+    """One side (inputs or targets) of `_FeaturesPerStep`, indexable like a tensor."""
+
+    def __init__(self, source: _FeaturesPerStep, side: int) -> None:
+        self.source, self.side = source, side
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return self.source._read(index)[self.side]
+
+
 @torch.no_grad()
-def _packed(encoder: DenseViT, split: DatasetSplit, spec: Mapping[str, Any], batch_size: int) -> tuple[torch.Tensor, list[Any]]:
-    """Packed intermediate features (`pack_features`, CPU float32) of a split and its target batches; the cls token
-    is always packed (a decoder that does not read it ignores it)."""
-    spec = {**spec, "with_cls": True}
+def _pack(encoder: DenseViT, images: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
+    """Packed intermediate features (`pack_features`, CPU float32) of one batch; the cls token always packed (a
+    decoder that does not read it ignores it)."""
     encoder.eval()
     device = next(encoder.parameters()).device
-    features, targets = [], []
-    for images, target in split.batches(batch_size):
-        features.append(pack_features(encoder.intermediate(images.to(device), **spec)).float().cpu())
-        targets.append(target)
-    return torch.cat(features), targets
+    return pack_features(encoder.intermediate(images.to(device), **{**spec, "with_cls": True})).float().cpu()
 
 
-def _decoder_evaluator(decoder_name: str, num_outputs: int, splits: Mapping[str, DatasetSplit],
+def _training_data(encoder: DenseViT, split: DatasetSplit, spec: Mapping[str, Any], batch_size: int) -> tuple[Any, Any]:
+    """(inputs, targets) a decoder trains on: the split's packed features computed once when they fit in
+    `FEATURE_CACHE_BYTES`, else computed per training step."""
+    layers, (height, width) = len(spec["layers"]), encoder.grid_size
+    if len(split) * layers * encoder.embed_dim * (height * width + 1) * 4 > FEATURE_CACHE_BYTES:
+        per_step = _FeaturesPerStep(encoder, split, spec)
+        return per_step.inputs, per_step.targets
+    features, targets = zip(*((_pack(encoder, images, spec), target) for images, target in split.batches(batch_size)))
+    return torch.cat(features), torch.cat(targets)
+
+
+def _decoder_evaluator(name: str, num_outputs: int, splits: Mapping[str, DatasetSplit],
                        metric_factory: Callable[[], Any]) -> Callable[..., dict[str, float]]:
-    """Eval of an in-framework dense task: its decoder trained on the frozen encoder's train features (the
-    decoder protocol's epochs, lr, batch, weight decay, seed), then its metric on each split asked for."""
+    """Eval of an in-framework dense task: the protocol's head for it (`decoder.head`, else the task's default)
+    trained on the frozen encoder's train features (the protocol's epochs, lr, batch, weight decay, train subset
+    and seed), then its metric on each split asked for, batch by batch."""
 
     def evaluate(encoder: DenseViT, wanted: tuple[str, ...], protocol: Any) -> dict[str, float]:
-        spec = feature_spec(decoder_name, len(encoder.blocks))
-        features, targets = _packed(encoder, splits["train"], spec, protocol.feature_batch_size)
+        head = protocol.head or DECODER_HEADS[name][0]
+        spec = feature_spec(head, len(encoder.blocks))
+        inputs, targets = _training_data(encoder, protocol.training_split(splits["train"]), spec, protocol.feature_batch_size)
         torch.manual_seed(protocol.seed)
-        module = PackedInput(build_dense_decoder(decoder_name, encoder.embed_dim, num_outputs), encoder.grid_size)
-        steps = protocol.epochs * math.ceil(len(features) / protocol.batch_size)
-        loss = dense_loss(decoder_name, warm_iter=round(steps * SIGLOSS_WARMUP))  # the reference's share of the run
-        train_module(module, features, torch.cat(targets), loss, protocol.epochs, protocol.lr, protocol.batch_size,
-                     protocol.seed, protocol.weight_decay)
+        module = PackedInput(build_dense_decoder(head, encoder.embed_dim, num_outputs), encoder.grid_size)
+        steps = protocol.epochs * math.ceil(len(inputs) / protocol.batch_size)
+        loss = dense_loss(head, warm_iter=round(steps * SIGLOSS_WARMUP))  # the reference's share of the run
+        train_module(module, inputs, targets, loss, protocol.epochs, protocol.lr, protocol.batch_size, protocol.seed,
+                     protocol.weight_decay, desc=f"{name} {head} decoder")
         scores = {}
         for split in wanted:
-            features, targets = _packed(encoder, splits[split], spec, protocol.feature_batch_size)
-            metric, start = metric_factory(), 0
-            for target in targets:
-                metric.update(predict(module, features[start : start + len(target)]), target)
-                start += len(target)
+            metric = metric_factory()
+            for images, target in splits[split].batches(protocol.feature_batch_size):
+                metric.update(predict(module, _pack(encoder, images, spec)), target)
             scores[split] = metric.compute()
         return scores
 

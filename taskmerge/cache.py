@@ -11,12 +11,14 @@ memoised per process, so each file is hashed at most once per process (the zoo's
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -172,3 +174,17 @@ def write_json_entry(path: str | Path, data: Any) -> Path:
 def write_tensors_entry(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write `tensors` as safetensors atomically as a cache entry and seal it."""
     return seal(checkpoints.save_state_dict(path, tensors, metadata))
+
+
+@contextlib.contextmanager
+def building(path: str | Path) -> Iterator[None]:
+    """Hold the build lock of cache entry `path` (a sibling `.NAME.lock`, blocking): processes sharing a cache build
+    an entry once, the others wait and read it. Re-check the entry inside the block; the OS drops a dead holder's lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

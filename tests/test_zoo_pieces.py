@@ -76,7 +76,20 @@ get_builtin_zoo(encoder, recipe, [build_builtin_task("digits", 32, 8, 8, 32, see
 
 
 def _leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+    """Staging folders and temporary files (build locks stay: removing a lock another process waits on is racy)."""
+    return [p for p in folder.rglob("*") if (p.name.startswith(".") or p.name.endswith(".tmp")) and not p.name.endswith(".lock")]
+
+
+def test_two_processes_sharing_a_cache_train_each_piece_once(tmp_path):
+    """Started together on one cache, one process trains each piece while the other waits and uses it."""
+    cache = tmp_path / "cache"
+    processes = [subprocess.Popen([sys.executable, "-c", BUILD, str(cache), "3", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    out = "".join(stdout for stdout, _ in outputs)
+    assert out.count("base: built in") == 1 and out.count("digits: built in") == 1, out
+    assert _leftovers(cache) == []
 
 
 @pytest.mark.parametrize(("piece", "epochs"), [("base", (100_000, 1)), ("task", (1, 100_000))])

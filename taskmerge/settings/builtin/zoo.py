@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from taskmerge import checkpoints
-from taskmerge.cache import content_key, discard, entry_problem, write_json_entry, write_tensors_entry
+from taskmerge.cache import building, content_key, discard, entry_problem, write_json_entry, write_tensors_entry
 from taskmerge.decoders import LinearClassifier, build_decoder
 from taskmerge.decoders import training as decoder_training
 from taskmerge.settings import encoder_from_spec
@@ -127,15 +127,16 @@ def _piece_ready(root: Path, files: Sequence[str]) -> bool:
 
 def _build_piece(root: Path, files: Sequence[str], build: Callable[[Path], dict[str, Any]], label: str) -> None:
     """Run `build(staging)` (it writes the piece's sealed files and returns its manifest) in a hidden folder beside
-    `root` and rename it into place; if a concurrent builder finished first, its piece is kept."""
+    `root` and rename it into place, under the piece's build lock: a process that finds another building the same
+    piece waits for it and uses its piece, so processes sharing a cache use one zoo and train it once."""
     start = time.perf_counter()
-    with checkpoints.temporary_dir(root) as staging:
-        write_json_entry(staging / MANIFEST, build(staging))
-        try:
+    with building(root):
+        if _piece_ready(root, files):
+            tqdm.write(f"  {label}: built by another process meanwhile")
+            return
+        with checkpoints.temporary_dir(root) as staging:
+            write_json_entry(staging / MANIFEST, build(staging))
             os.rename(staging, root)
-        except OSError:
-            if not _piece_ready(root, files):
-                raise
     tqdm.write(f"  {label}: built in {time.perf_counter() - start:.0f} s")
 
 

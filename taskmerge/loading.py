@@ -1,8 +1,9 @@
-"""`taskmerge.load_encoder`: any release or merged-encoder file of any setting as a ready `nn.Module`, for
-notebooks and acceptance checks, through the same encoder options, readers and key maps as a run.
+"""Config options outside a Hydra run, and `taskmerge.load_encoder`: any release or merged-encoder file of any
+setting as a ready `nn.Module`, for notebooks and acceptance checks, through the same options, readers and key
+maps as a run.
 
-The encoder is named as on the command line (`encoder=dune_vitb14`): its option file under `configs/encoder/`
-merged onto its schema, then the caller's overrides (`image_size=448`), each checked like a run's.
+An option is named as on the command line (`encoder=dune_vitb14`): its file under `configs/<group>/` merged onto
+its schema, then the caller's overrides (`image_size=448`), each checked like a run's.
 """
 
 from __future__ import annotations
@@ -19,31 +20,32 @@ from taskmerge.errors import UserError
 from taskmerge.settings import ENCODER_FAMILIES, encoder_from_spec, get_setting
 from taskmerge.validation import check_fields
 
-ENCODER_OPTIONS = Path(__file__).resolve().parent / "configs" / "encoder"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def encoder_options() -> list[str]:
-    """The names accepted by `encoder=` (the option files under `configs/encoder/`)."""
-    return sorted(path.stem for path in ENCODER_OPTIONS.glob("*.yaml"))
+def options(group: str) -> list[str]:
+    """The names accepted by `<group>=` (the option files under `configs/<group>/`)."""
+    return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
 
 
-def encoder_config(encoder: str, **overrides: Any) -> dict[str, Any]:
-    """The checked `encoder` section of option `encoder` with `overrides` applied, as plain values."""
-    path = ENCODER_OPTIONS / f"{encoder}.yaml"
+def option_config(group: str, name: str, **overrides: Any) -> dict[str, Any]:
+    """The checked `<group>` section of option `name` (its file merged onto its schema) with `overrides` applied, as
+    plain values: what `<group>=<name>` gives on the command line, outside a Hydra run."""
+    path = CONFIGS / group / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"encoder={encoder!r} is not an encoder option; available: {encoder_options()}")
+        raise UserError(f"{group}={name!r} is not an option of config group {group!r}; available: {options(group)}")
     option = OmegaConf.load(path)
     parents = [entry.split("@")[0].lstrip("/") for entry in option.pop("defaults", []) if entry != "_self_"]
-    schemas = {schema_name(group, name): node for (group, name), node in SCHEMAS.items()}
+    schemas = {schema_name(g, n): node for (g, n), node in SCHEMAS.items()}
     node = OmegaConf.merge(*(OmegaConf.structured(schemas[parent]) for parent in parents), option)
     unknown = sorted(set(overrides) - set(node))
     if unknown:
-        raise UserError(f"load_encoder: unknown option(s) {unknown} for encoder={encoder}; expected some of {sorted(node)}")
+        raise UserError(f"unknown option(s) {unknown} for {group}={name}; expected some of {sorted(node)}")
     try:
         node = OmegaConf.merge(node, overrides)
     except OmegaConfBaseException as error:
-        raise UserError(f"load_encoder: encoder.{error.full_key}: {error.msg}") from error
-    check_fields(node, "encoder.")
+        raise UserError(f"{group}.{error.full_key}: {error.msg}") from error
+    check_fields(node, f"{group}.")
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
@@ -51,7 +53,7 @@ def load_encoder(path: str | Path, encoder: str, **overrides: Any) -> nn.Module:
     """The encoder in `path` (any release layout its setting reads, or a run's `merged_encoder.safetensors`) built
     as `encoder=<encoder>` with `overrides` (e.g. `image_size=448`), in eval mode on the CPU; its
     `features(images, kind)` is the feature contract TAP uses."""
-    spec = encoder_config(encoder, **overrides)
+    spec = option_config("encoder", encoder, **overrides)
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"load_encoder: {path} is not a file")

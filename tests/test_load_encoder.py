@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import taskmerge
 from taskmerge.checkpoints import save_state_dict
 from taskmerge.errors import UserError
-from taskmerge.loading import encoder_config, encoder_options
+from taskmerge.loading import option_config, options
 from taskmerge.settings import encoder_from_spec
 from taskmerge.settings.dense.encoder import CONFIGS, DenseViT
 from taskmerge.settings.dense.releases import LAYOUTS, export, read_release
@@ -24,16 +24,16 @@ OPTION_OF = {"dune_tiny": "dune_vitb14", "dinov2_tiny": "dinov2_vitb14", "dinov2
 
 
 def test_every_encoder_option_composes_and_builds_on_meta():
-    assert {"builtin_vit", "clip_vit_b32", "dune_vitb14", "dinov2_vitb14", "dinov2_vitb14_reg4"} <= set(encoder_options())
-    for option in encoder_options():
-        spec = encoder_config(option)
+    assert {"builtin_vit", "clip_vit_b32", "dune_vitb14", "dinov2_vitb14", "dinov2_vitb14_reg4"} <= set(options("encoder"))
+    for option in options("encoder"):
+        spec = option_config("encoder", option)
         if spec["name"] == "clip":
             continue  # open_clip moves the model to a device while building it (not on meta); test_clip_release loads it
         with torch.device("meta"):
             module = encoder_from_spec(spec)
         assert hasattr(module, "features") and hasattr(module, "encoder_weights"), option
-    assert encoder_config("dune_vitb14")["image_size"] == 448 and encoder_config("dune_vitb14", image_size=518)["image_size"] == 518
-    assert encoder_config("dinov2_vitb14")["native_size"] == CONFIGS["dinov2_vitb14"].native_size
+    assert option_config("encoder", "dune_vitb14")["image_size"] == 448 and option_config("encoder", "dune_vitb14", image_size=518)["image_size"] == 518
+    assert option_config("encoder", "dinov2_vitb14")["native_size"] == CONFIGS["dinov2_vitb14"].native_size
 
 
 @pytest.mark.parametrize("name", sorted(OPTION_OF))
@@ -73,7 +73,7 @@ def test_every_dense_layout_and_a_merged_encoder_load_to_one_function(tmp_path):
 
 
 def test_builtin_merged_encoder_loads(tmp_path):
-    spec = encoder_config("builtin_vit")
+    spec = option_config("encoder", "builtin_vit")
     torch.manual_seed(0)
     module = encoder_from_spec(spec).eval()
     path = save_state_dict(tmp_path / "merged_encoder.safetensors", module.state_dict())
@@ -84,12 +84,12 @@ def test_builtin_merged_encoder_loads(tmp_path):
 
 
 def test_bad_input_is_one_named_error(tmp_path):
-    with pytest.raises(UserError, match=r"encoder='dune_vitl14' is not an encoder option; available: \[.*'dune_vitb14'"):
-        encoder_config("dune_vitl14")
+    with pytest.raises(UserError, match=r"encoder='dune_vitl14' is not an option of config group 'encoder'; available: \[.*'dune_vitb14'"):
+        option_config("encoder", "dune_vitl14")
     with pytest.raises(UserError, match=r"unknown option\(s\) \['img_size'\] for encoder=dune_vitb14"):
-        encoder_config("dune_vitb14", img_size=448)
+        option_config("encoder", "dune_vitb14", img_size=448)
     with pytest.raises(UserError, match=r"encoder.image_size=450 is invalid; expected a multiple of 14"):
-        encoder_config("dune_vitb14", image_size=450)
+        option_config("encoder", "dune_vitb14", image_size=450)
     with pytest.raises(UserError, match=r"nope.pth is not a file"):
         taskmerge.load_encoder(tmp_path / "nope.pth", "dune_vitb14")
     canonical = DenseViT(embed_dim=32, depth=2, num_heads=2, reg_tokens=4, image_size=56).canonical_weights()

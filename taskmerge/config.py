@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from taskmerge.config_fields import checked, count, schema_from
 from taskmerge.selection.adamerging import AdaMergingConfig
+from taskmerge.selection.aggregate import AGGREGATES, MEAN
 from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.merging._helpers import one_of
 from taskmerge import settings
@@ -51,6 +52,8 @@ class TAPConfig:
     features: FeatureKind = FeatureKind.pooled
     seed: int = 0
     batch_size: int = count(256)
+    # how per-task TAP becomes one score (taskmerge/selection/aggregate.py); a task set may choose its own default
+    aggregate: str = checked(MEAN, one_of(*AGGREGATES), "one of " + ", ".join(map(repr, AGGREGATES)))
 
 
 @dataclass

@@ -23,7 +23,8 @@ from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
-from taskmerge.selection.tap import compute_tap, teacher_features
+from taskmerge.selection.aggregate import POINTWISE
+from taskmerge.selection.tap import base_tap, compute_tap, teacher_features
 from taskmerge.settings import encoder_from_spec, get_setting
 from taskmerge.tasks import SPLITS, Samples, Task
 from taskmerge.tracking import CANDIDATES, CandidateLog, NullLogger, RunLogger, candidate_id, create_logger, run_directory_lock
@@ -267,7 +268,8 @@ def finalize(pipeline: Pipeline, rows: list[dict[str, Any]], selector: str, run_
     images = {}
     if any(r.get("eval") for r in rows):
         metric_names = {t.name: t.metric_name for t in setting.tasks}
-        tap_pick, eval_pick = search.pick_by_tap(rows), search.pick_by_eval(rows)
+        tap_pick = search.pick_by_tap(rows, selection["tap_aggregate"], selection["tap_base"])
+        eval_pick = search.pick_by_eval(rows)
         (run_dir / "plots").mkdir(exist_ok=True)
         images["tap_vs_eval"] = plots.plot_tap_vs_eval(rows, metric_names, tap_pick, eval_pick, run_dir / "plots" / "tap_vs_eval.png")
     report.write_report(run_dir / "report.md", pipeline.cfg, setting.tasks, rows, selection, pipeline.refs, images)
@@ -336,13 +338,15 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
     needs_eval = selector in ("eval", "both", "frozen_decoder")
     heads = {t.name: setting.load_head(t.name) for t in setting.tasks} if selector == "frozen_decoder" else {}
     with timer.stage("teacher_features"):
-        unlabeled = {t.name: t.unlabeled(tap_cfg["n_samples"], tap_cfg["seed"]) for t in setting.tasks}
+        unlabeled = _unlabeled(pipeline)
         teachers = {
             t.name: teacher_features(setting.load_encoder, setting.zoo.finetuned[t.name], unlabeled[t.name],
                                      tap_cfg["features"], setting.encoder_spec, Path(cfg["paths"]["cache_dir"]), tap_cfg["batch_size"])
             for t in setting.tasks
         }
-    run_key = content_key(setting.zoo.key, setting.data_identity(), dict(tap_cfg), type(protocol).__name__, vars(protocol), method)
+    base = tap_of_base(pipeline)
+    measured = {k: v for k, v in tap_cfg.items() if k != "aggregate"}  # how TAP is aggregated changes no row
+    run_key = content_key(setting.zoo.key, setting.data_identity(), measured, type(protocol).__name__, vars(protocol), method)
     log = CandidateLog(run_dir / CANDIDATES)
     done = {candidate_id(r["method"], r["hparams"]): r for r in log.rows()
             if r.get("run_key") == run_key and not r.get("error") and (r.get("eval") or not needs_eval)
@@ -392,15 +396,35 @@ def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selec
                 log.append(row)
                 logger.log_candidate(row)
         rows[key] = row
-        strategy.report(hparams, _objective(row, selector))
+        strategy.report(hparams, _objective(row, selector, tap_cfg["aggregate"], base))
     return list(rows.values())
 
 
-def _objective(row: Mapping[str, Any], selector: str) -> float | None:
-    """What a search minimises: mean TAP, or minus mean normalized Eval for selector=eval; None if it failed."""
+def _unlabeled(pipeline: Pipeline) -> dict[str, Samples]:
+    """TAP's unlabeled samples of every task."""
+    tap_cfg = pipeline.cfg["tap"]
+    return {t.name: t.unlabeled(tap_cfg["n_samples"], tap_cfg["seed"]) for t in pipeline.setting.tasks}
+
+
+def tap_of_base(pipeline: Pipeline) -> dict[str, float]:
+    """TAP of the base encoder θ0 per task (computed once, cached): the scale of `tap.aggregate=relative_to_base`."""
+    cfg, setting = pipeline.cfg, pipeline.setting
+    tap_cfg = cfg["tap"]
+    with pipeline.timer.stage("base_tap"):
+        return base_tap(setting.load_encoder, setting.zoo.base, {t.name: setting.zoo.finetuned[t.name] for t in setting.tasks},
+                        _unlabeled(pipeline), tap_cfg["features"], tap_cfg["distance"], setting.encoder_spec,
+                        Path(cfg["paths"]["cache_dir"]), tap_cfg["batch_size"])
+
+
+def _objective(row: Mapping[str, Any], selector: str, aggregate: str, base: Mapping[str, float]) -> float | None:
+    """What a search minimises: the candidate's aggregated TAP (mean TAP for the aggregations relative to the
+    candidate set, which validation refuses with an adaptive search), or minus mean normalized Eval for
+    selector=eval; None if it failed."""
     if row.get("error"):
         return None
-    return -row["eval"]["normalized"] if selector == "eval" else row["tap"]["mean"]
+    if selector == "eval":
+        return -row["eval"]["normalized"]
+    return search.tap_scores([row], aggregate if aggregate in POINTWISE else "mean", base)[0][1]
 
 
 def _test_metrics(pipeline: Pipeline, merged: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -416,9 +440,10 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
     """Pick the candidate, re-train decoders on it, evaluate on test and build `selection.json`."""
     cfg, setting, merger, protocol, timer = pipeline.cfg, pipeline.setting, pipeline.merger, pipeline.protocol, pipeline.timer
     method = merger.method
+    aggregate, base = cfg["tap"]["aggregate"], tap_of_base(pipeline)
     selected: dict[str, Any] = {}
     if selector in ("tap", "both", "frozen_decoder"):
-        selected["tap"] = search.pick_by_tap(rows)["hparams"]
+        selected["tap"] = search.pick_by_tap(rows, aggregate, base)["hparams"]
     if selector in ("eval", "both", "frozen_decoder"):
         selected["eval"] = search.pick_by_eval(rows)["hparams"]
     if selector == "frozen_decoder":
@@ -437,6 +462,8 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
         "selected": selected,
         "final_by": final_by,
         "selected_tap": final_row["tap"],
+        "tap_aggregate": aggregate,
+        "tap_base": base,
         "final": final.pop("metrics"),
         "final_normalized_per_task": final["per_task"],
         "normalization": "merged/fine-tuned for higher-is-better metrics, fine-tuned/merged for lower-is-better ones",
@@ -448,7 +475,8 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
         with timer.stage("final"):
             selection["final_eval_pick"] = _test_metrics(pipeline, merger(selected["eval"]))["metrics"]
     if selector in ("both", "frozen_decoder"):
-        selection["agreement"] = search.agreement(rows)
+        selection["agreement"] = search.agreement(rows, aggregate, base)
+        selection["agreement_by_aggregate"] = search.agreement_by_aggregate(rows, base)
         selection["agreement_per_task"] = {t.name: search.task_agreement(rows, t.name) for t in setting.tasks}
         selection["cost"] = search.selector_cost(rows)
     if selector == "frozen_decoder":

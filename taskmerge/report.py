@@ -71,6 +71,14 @@ def candidate_table(tasks: Sequence[Task], rows: Sequence[Mapping[str, Any]]) ->
     return header, table
 
 
+def aggregate_table(selection: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the agreement with Eval of every TAP aggregation (the run's own marked with *)."""
+    header = ["TAP aggregation", "spearman", "kendall", "regret", "TAP pick"]
+    rows = [[f"{name}{' *' if name == selection['tap_aggregate'] else ''}", f"{a['spearman']:.3f}", f"{a['kendall']:.3f}",
+             f"{a['regret']:.4f}", json.dumps(a["pick"]["hparams"])] for name, a in selection["agreement_by_aggregate"].items()]
+    return header, rows
+
+
 def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any]) -> None:
     """Print the final table, the selected hyperparameters and the time spent per stage."""
     console = Console()
@@ -88,7 +96,15 @@ def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Map
     for failure in selection["failed_candidates"]:
         console.print(f"[yellow]ignored failed candidate {json.dumps(failure['hparams'])}: {failure['error']}[/yellow]")
     if "agreement" in selection:
-        console.print(f"TAP vs Eval: {json.dumps({k: round(v, 4) for k, v in selection['agreement'].items()})}")
+        console.print(f"TAP ({selection['tap_aggregate']}) vs Eval: "
+                      f"{json.dumps({k: round(v, 4) for k, v in selection['agreement'].items()})}")
+        table = Table(title="every TAP aggregation vs Eval (* = tap.aggregate; negative correlations = agreement)")
+        header, rows = aggregate_table(selection)
+        for name in header:
+            table.add_column(name, justify="left" if name in ("TAP aggregation", "TAP pick") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
         console.print(f"cost: {json.dumps(selection['cost'])}")
     if "frozen_agreement" in selection:
         console.print(f"frozen decoders vs Eval: {json.dumps({k: round(v, 4) for k, v in selection['frozen_agreement'].items()})}")
@@ -101,7 +117,9 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
     parts = [
         f"# taskmerge report: {selection['method']} on {cfg['tasks']['name']} ({cfg['encoder']['name']})",
         f"Selector: **{selection['selector']}**. Selected: `{json.dumps(selection['selected'])}`.",
-        f"TAP: distance `{cfg['tap']['distance']}`, features `{cfg['tap']['features']}`, {cfg['tap']['n_samples']} unlabeled images per task.",
+        f"TAP: distance `{cfg['tap']['distance']}`, features `{cfg['tap']['features']}`, {cfg['tap']['n_samples']} unlabeled images per task, "
+        f"aggregated over tasks by `{selection['tap_aggregate']}`; TAP of the base encoder θ0: "
+        + ", ".join(f"{task} {value:.4f}" for task, value in selection["tap_base"].items()) + ".",
         f"## Test metrics (merged = the {selection['final_by']} pick; {selection['evaluation']})",
         _markdown_table(summary_header(selection), summary_rows(tasks, selection, refs)),
         f"Normalized performance: {selection['normalization']}.",
@@ -114,7 +132,9 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
         agreement = selection["agreement"]
         parts += ["## TAP vs Eval", _markdown_table(["spearman", "kendall", "regret", "candidates"],
                   [[f"{agreement['spearman']:.3f}", f"{agreement['kendall']:.3f}", f"{agreement['regret']:.4f}", agreement["n_candidates"]]]),
-                  "Negative correlations mean agreement (lower TAP is better); regret = best normalized Eval − Eval of the TAP pick."]
+                  "Negative correlations mean agreement (lower TAP is better); regret = best normalized Eval − Eval of the TAP pick.",
+                  "Every TAP aggregation (`tap.aggregate`) on the same candidates, the run's own marked with *:",
+                  _markdown_table(*aggregate_table(selection))]
         per_task = selection["agreement_per_task"]
         parts += [_markdown_table(["task", "spearman (TAP_t, normalized Eval_t)", "kendall", "regret of the lowest TAP_t"],
                                   [[t, f"{v['spearman']:.3f}", f"{v['kendall']:.3f}", f"{v['regret']:.4f}"] for t, v in per_task.items()])]

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_OVERRIDES
+from taskmerge.selection import search
+from taskmerge.selection.aggregate import AGGREGATES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,13 +40,20 @@ def test_selector_both_end_to_end_and_resume(tmp_path, cache_dir):
 
     selection = json.loads((run_dir / "selection.json").read_text())
     assert selection["method"] == "ta" and selection["selector"] == "both"
-    best_tap = min(rows, key=lambda r: r["tap"]["mean"])
+    assert set(selection["tap_base"]) == {"digits", "textures", "shapes", "scenes", "mean"}
+    best_tap = search.pick_by_tap(rows, selection["tap_aggregate"], selection["tap_base"])
     best_eval = max(rows, key=lambda r: r["eval"]["normalized"])
     assert selection["selected"] == {"tap": best_tap["hparams"], "eval": best_eval["hparams"]}
     assert set(selection["final"]) == {"digits", "textures", "shapes", "scenes", "normalized"}
     assert -1.0 <= selection["agreement"]["spearman"] <= 1.0 and -1.0 <= selection["agreement"]["kendall"] <= 1.0
     assert selection["agreement"]["regret"] == pytest.approx(best_eval["eval"]["normalized"] - best_tap["eval"]["normalized"])
     assert set(selection["agreement_per_task"]) == {"digits", "textures", "shapes", "scenes"}
+    # every TAP aggregation is scored from the same rows, the run's own one among them
+    assert list(selection["agreement_by_aggregate"]) == list(AGGREGATES)
+    assert selection["agreement_by_aggregate"][selection["tap_aggregate"]] == {**selection["agreement"], "pick": {
+        "method": "ta", "hparams": selection["selected"]["tap"]}}
+    report_md = (run_dir / "report.md").read_text()
+    assert all(f"| {name}" in report_md for name in AGGREGATES) and "every TAP aggregation vs Eval" in first.stdout
     for row in rows:
         assert row["eval"]["normalized"] == pytest.approx(sum(row["eval_normalized"].values()) / 4)
     cost = selection["cost"]
@@ -59,10 +68,12 @@ def test_selector_both_end_to_end_and_resume(tmp_path, cache_dir):
     zoos = list((cache_dir / "zoo").iterdir())
     assert len(zoos) == 1
 
-    # a restart of the same run skips every finished candidate and rebuilds nothing
+    # a restart of the same run skips every finished candidate and rebuilds nothing, even with another aggregation
     zoo_mtime = (zoos[0] / "base.safetensors").stat().st_mtime_ns
-    _run(run_dir, "selector=both", "method.search.alpha=[0.2,0.6,1.0]")
+    _run(run_dir, "selector=both", "method.search.alpha=[0.2,0.6,1.0]", "tap.aggregate=rank")
     assert _rows(run_dir) == rows
+    reselected = json.loads((run_dir / "selection.json").read_text())
+    assert reselected["tap_aggregate"] == "rank" and reselected["selected"]["tap"] == search.pick_by_tap(rows, "rank")["hparams"]
     assert (zoos[0] / "base.safetensors").stat().st_mtime_ns == zoo_mtime
 
     # a run killed after its first candidate: the restart computes only the missing two, identically

@@ -6,7 +6,7 @@ from taskmerge.selection import search
 
 
 def _row(alpha, tap, evaluation=None):
-    row = {"method": "ta", "hparams": {"alpha": alpha}, "tap": {"mean": tap}}
+    row = {"method": "ta", "hparams": {"alpha": alpha}, "tap": {"task": tap, "mean": tap}}
     if evaluation is not None:
         row["eval"] = {"normalized": evaluation}
     return row

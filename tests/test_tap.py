@@ -1,10 +1,11 @@
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from taskmerge import checkpoints
-from taskmerge.selection.tap import compute_tap, dissimilarity, tap_task, teacher_features
+from taskmerge.selection.tap import base_tap, compute_tap, dissimilarity, tap_task, teacher_features
 from taskmerge.tasks import Samples
 
 
@@ -84,3 +85,28 @@ def test_teacher_cache_notices_rewritten_checkpoint(tmp_path):
     checkpoints.save_state_dict(path, {"scale": torch.tensor(7.0)})
     after = teacher_features(load, path, images, "pooled", {}, tmp_path / "cache")
     assert torch.allclose(after, before * 3.5)
+
+
+def test_base_tap_is_computed_once_and_keyed_by_every_checkpoint(tmp_path):
+    loads = []
+
+    def load(path):
+        loads.append(path.name)
+        return _Linear(float(checkpoints.load_state_dict(path)["scale"]))
+
+    save = lambda name, scale: checkpoints.save_state_dict(tmp_path / name, {"scale": torch.tensor(scale)})  # noqa: E731
+    base, finetuned = save("base.safetensors", 1.0), {"a": save("a.safetensors", 3.0), "b": save("b.safetensors", 2.0)}
+    unlabeled = {"a": Samples.of(torch.ones(4, 1, 2, 1)), "b": Samples.of(2 * torch.ones(4, 1, 2, 1))}
+    cache = tmp_path / "cache"
+    first = base_tap(load, base, finetuned, unlabeled, "pooled", "l2", {"name": "toy"}, cache)
+    # pooled features are (x, x) * scale: θ0 is |3 - 1|·√2 from `a`'s teacher on ones, |2 - 1|·2√2 from `b`'s on twos
+    assert first == pytest.approx({"a": 2 * math.sqrt(2), "b": 2 * math.sqrt(2), "mean": 2 * math.sqrt(2)})
+    assert sorted(loads) == ["a.safetensors", "b.safetensors", "base.safetensors"]
+    assert base_tap(load, base, finetuned, unlabeled, "pooled", "l2", {"name": "toy"}, cache) == first
+    assert len(loads) == 3 and len(list((cache / "base_tap").glob("*.json"))) == 1, "the second call is served from the cache"
+
+    cosine = base_tap(load, base, finetuned, unlabeled, "pooled", "cosine", {"name": "toy"}, cache)
+    assert cosine == pytest.approx({"a": 0.0, "b": 0.0, "mean": 0.0}), "same direction: cosine distance 0"
+    save("base.safetensors", 2.0)  # a rewritten base is noticed
+    assert base_tap(load, base, finetuned, unlabeled, "pooled", "l2", {"name": "toy"}, cache)["a"] == pytest.approx(math.sqrt(2))
+    assert len(list((cache / "base_tap").glob("*.json"))) == 3

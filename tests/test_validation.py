@@ -32,6 +32,8 @@ BAD_INPUTS = [
     (["tap.n_samples=-5"], ["tap.n_samples=-5", ">= 1"]),
     (["tap.n_samples=5000"], ["tap.n_samples=5000", "tasks.n_train"]),
     (["tap.batch_size=0"], ["tap.batch_size=0", ">= 1"]),
+    (["tap.aggregate=median"], ["tap.aggregate='median'", "'mean', 'relative_to_base'"]),
+    (["search=optuna", "tap.aggregate=rank"], ["tap.aggregate=rank", "search=optuna", "tap.aggregate=mean|relative_to_base"]),
     (["search=random", "search.n_trials=0"], ["search.n_trials=0", ">= 1"]),
     (["search=optuna", "search.n_trials=-1"], ["search.n_trials=-1", ">= 1"]),
     (["decoder.epochs=0"], ["decoder.epochs=0", ">= 1"]),

@@ -18,6 +18,8 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 from scipy import stats
 
 from taskmerge.merging import get_method
+from taskmerge.selection import aggregate as aggregation
+from taskmerge.selection.aggregate import MEAN
 
 
 def grid_candidates(method: str, fixed: Mapping[str, Any], search: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -151,12 +153,22 @@ def _valid(rows: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, Any
     return [r for r in rows if key in r and r[key] is not None and math.isfinite(r[key].get("mean" if key == "tap" else "normalized", math.nan))]
 
 
-def pick_by_tap(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The candidate with the lowest mean TAP (the first one on ties, in search order)."""
+def tap_scores(rows: Sequence[Mapping[str, Any]], aggregate: str = MEAN,
+               base: Mapping[str, float] | None = None) -> list[tuple[Mapping[str, Any], float]]:
+    """(row, aggregated TAP) of every row with a finite TAP, in search order; the set-relative aggregations are
+    taken over exactly these rows."""
     scored = _valid(rows, "tap")
+    return list(zip(scored, aggregation.aggregate(aggregate, [r["tap"] for r in scored], base)))
+
+
+def pick_by_tap(rows: Sequence[Mapping[str, Any]], aggregate: str = MEAN,
+                base: Mapping[str, float] | None = None) -> Mapping[str, Any]:
+    """The candidate with the lowest TAP aggregated by `aggregate` (`base`: θ0's TAP per task, for the
+    aggregations relative to it); the first one on ties, in search order."""
+    scored = tap_scores(rows, aggregate, base)
     if not scored:
         raise ValueError("no candidate has a finite TAP score; nothing to select")
-    return min(scored, key=lambda r: r["tap"]["mean"])
+    return min(scored, key=lambda pair: pair[1])[0]
 
 
 def pick_by_frozen(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -175,20 +187,30 @@ def pick_by_eval(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return max(scored, key=lambda r: r["eval"]["normalized"])
 
 
-def agreement(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Rank agreement of mean TAP and mean normalized Eval, and the regret of the TAP pick.
+def agreement(rows: Sequence[Mapping[str, Any]], aggregate: str = MEAN,
+              base: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Rank agreement of the aggregated TAP (`aggregate`, over the rows scored by both) and mean normalized
+    Eval, and the regret of the TAP pick.
 
     Spearman and Kendall are computed on (TAP, Eval) pairs: negative values mean agreement, since lower
     TAP is better. Regret = best normalized Eval − normalized Eval of the TAP pick (0 is perfect).
     """
     scored = [r for r in _valid(rows, "eval") if r in _valid(rows, "tap")]
-    taps = [r["tap"]["mean"] for r in scored]
+    pairs = tap_scores(scored, aggregate, base)
     evals = [r["eval"]["normalized"] for r in scored]
     return {
-        **_correlations(taps, evals),
-        "regret": pick_by_eval(scored)["eval"]["normalized"] - pick_by_tap(scored)["eval"]["normalized"],
+        **_correlations([score for _, score in pairs], evals),
+        "regret": pick_by_eval(scored)["eval"]["normalized"] - min(pairs, key=lambda pair: pair[1])[0]["eval"]["normalized"],
         "n_candidates": len(scored),
     }
+
+
+def agreement_by_aggregate(rows: Sequence[Mapping[str, Any]], base: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """`agreement` of every TAP aggregation from the same rows (no extra forward pass), each with its pick's
+    method and hyperparameters: which aggregation a setting favours."""
+    scored = [r for r in _valid(rows, "eval") if r in _valid(rows, "tap")]
+    return {name: {**agreement(scored, name, base), "pick": {key: pick_by_tap(scored, name, base)[key] for key in ("method", "hparams")}}
+            for name in aggregation.AGGREGATES}
 
 
 def _correlations(taps: Sequence[float], evals: Sequence[float]) -> dict[str, float]:

@@ -5,7 +5,8 @@ TAP_t = mean_x d(f_θ(x), f_θt(x)); TAP = mean_t TAP_t. Lower is better. `d` is
 (`l2`) or the cosine distance 1 − cos (`cosine`); on token features it is computed per patch token and
 averaged over tokens (prefix tokens are excluded by the encoder contract). Teacher features are
 computed once and cached on disk under a content hash of checkpoint, sample identities and feature spec, as a
-checksummed cache entry (a damaged one is reported and recomputed).
+checksummed cache entry (a damaged one is reported and recomputed); so is the TAP of the base encoder θ0 per
+task, the scale that `tap.aggregate=relative_to_base` divides by.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskmerge import checkpoints
-from taskmerge.cache import content_key, read_tensors_entry, write_tensors_entry
+from taskmerge.cache import content_key, read_json_entry, read_tensors_entry, write_json_entry, write_tensors_entry
 from taskmerge.encoders.extract import extract_batches
 from taskmerge.tasks import Samples
 
 DISTANCES = ("l2", "cosine")
 TEACHER_CACHE_VERSION = 3  # 2: entries carry a checksum; 3: keyed by sample identity (split + indices)
+BASE_TAP_CACHE_VERSION = 1
 
 
 def dissimilarity(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
@@ -84,4 +86,34 @@ def compute_tap(
         for name, samples in unlabeled.items()
     }
     scores["mean"] = sum(scores.values()) / len(unlabeled)
+    return scores
+
+
+def base_tap(
+    load_encoder: Callable[[Path], nn.Module],
+    base: Path,
+    finetuned: Mapping[str, Path],
+    unlabeled: Mapping[str, Samples],
+    kind: str,
+    distance: str,
+    encoder_spec: Mapping,
+    cache_dir: Path,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """TAP of the base encoder at `base` per task (and `mean`): how far θ0 is from each teacher, computed once.
+
+    Cached like the teacher features, under a key of the base's and every teacher's checkpoint bytes, the
+    samples' identities, the feature kind, the distance and the encoder spec.
+    """
+    key = content_key("base_tap", BASE_TAP_CACHE_VERSION, checkpoints.fingerprint(base),
+                      {name: checkpoints.fingerprint(path) for name, path in finetuned.items()},
+                      {name: samples.identity() for name, samples in unlabeled.items()}, kind, distance, dict(encoder_spec))
+    path = Path(cache_dir) / "base_tap" / f"{key[:32]}.json"
+    cached = read_json_entry(path)
+    if cached is not None:
+        return cached
+    teachers = {name: teacher_features(load_encoder, finetuned[name], samples, kind, encoder_spec, cache_dir, batch_size)
+                for name, samples in unlabeled.items()}
+    scores = compute_tap(load_encoder(base), unlabeled, teachers, kind, distance, batch_size)
+    write_json_entry(path, scores)
     return scores

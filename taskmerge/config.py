@@ -18,7 +18,7 @@ from taskmerge.config_fields import checked, count, schema_from
 from taskmerge.selection.adamerging import AdaMergingConfig
 from taskmerge.selection.aggregate import AGGREGATES, MEAN
 from taskmerge.selection.evaluation import DecoderProtocol
-from taskmerge.merging._helpers import one_of
+from taskmerge.merging._helpers import int_at_least, one_of, optional
 from taskmerge import settings
 from taskmerge.method_schemas import METHOD_SCHEMAS
 
@@ -130,6 +130,7 @@ class Config:
     device: str = "auto"
     save_merged: bool = False
     sweep_name: Optional[str] = None
+    threads: Optional[int] = checked(None, optional(int_at_least(1)), "null (this run's share of the cores) or an integer >= 1")
 
 
 SCHEMAS: dict[tuple[Optional[str], str], Any] = {

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskmerge import checkpoints, merging, plots, report, validation
+from taskmerge import checkpoints, merging, plots, report, threads, validation
 from taskmerge.cache import (atomic_write_json, content_key, read_json_entry, read_tensors_entry, read_text_entry,
                              write_json_entry, write_tensors_entry, write_text_entry)
 from taskmerge.decoders import build_decoder
@@ -50,7 +50,9 @@ class StageTimer:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def stage(self, name: str) -> AbstractContextManager[None]:
-        """Context manager adding the wall time of its block to `seconds[name]`."""
+        """Context manager adding the wall time of its block to `seconds[name]`; the run's threads are re-sized to
+        its current share of the cores as each stage starts."""
+        threads.rebalance()
         return _timed(self.seconds, name)
 
 
@@ -230,6 +232,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, distributed: Distribut
     """Check the inputs, then run the configured pipeline in `run_dir` (locked by rank 0 against a second run)
     and return the selection summary (written there by rank 0)."""
     validation.check_run(cfg)
+    threads.configure(cfg["threads"])
     run_dir = Path(run_dir)
     with run_directory_lock(run_dir) if distributed.is_main else nullcontext():
         return _run_pipeline(cfg, run_dir, distributed)

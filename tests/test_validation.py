@@ -32,6 +32,7 @@ BAD_INPUTS = [
     (["tap.n_samples=-5"], ["tap.n_samples=-5", ">= 1"]),
     (["tap.n_samples=5000"], ["tap.n_samples=5000", "tasks.n_train"]),
     (["tap.batch_size=0"], ["tap.batch_size=0", ">= 1"]),
+    (["threads=0"], ["threads=0", "an integer >= 1"]),
     (["tap.aggregate=median"], ["tap.aggregate='median'", "'mean', 'relative_to_base'"]),
     (["search=optuna", "tap.aggregate=rank"], ["tap.aggregate=rank", "search=optuna", "tap.aggregate=mean|relative_to_base"]),
     (["search=random", "search.n_trials=0"], ["search.n_trials=0", ">= 1"]),

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from taskmerge import threads
+
 
 def warmup_cosine(step: int, total_steps: int, warmup: float) -> float:
     """Learning-rate factor: linear warm-up over the first `warmup` fraction of steps, then cosine to 0."""
@@ -45,6 +47,7 @@ def train_module(
     module.train()
     history = []
     for _ in tqdm(range(epochs), desc=desc, disable=desc is None, leave=False):
+        threads.rebalance()  # long trainings (the zoo) follow other runs starting or ending on this machine
         order = torch.randperm(len(inputs), generator=generator)
         total = 0.0
         for start in range(0, len(inputs), batch_size):

@@ -1,7 +1,9 @@
 """Entry point: `python -m taskmerge.analyze [overrides]` — task-vector analysis of the configured zoo.
 
-Writes `task_vectors.json`, `plots/task_vector_norms.png` and `plots/task_vector_cosine.png` to the
-Hydra run directory and prints the norms and cosine similarities. Same config groups as `taskmerge.run`.
+Writes `task_vectors.json` (norms overall, per block and per layer; cosine similarities),
+`plots/task_vector_norms.png` and `plots/task_vector_cosine.png` to the Hydra run directory and prints the
+norms, the per-block norms and the cosine similarities. Same config groups as `taskmerge.run`; only the zoo
+is loaded. Layers are grouped from the key structure (`taskmerge.task_vectors.layer_of`), for every setting.
 """
 
 from __future__ import annotations
@@ -26,27 +28,82 @@ log = logging.getLogger(__name__)
 
 
 def analyze(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Compute and write the task-vector statistics of the zoo named by `cfg`."""
-    from taskmerge.experiment import StageTimer, load_setting
+    """Compute and write the task-vector statistics of the zoo named by `cfg`.
+
+    Only the zoo is loaded (no task data is read); safetensors checkpoints are read lazily, slice by slice, so
+    the peak memory holds one slice of each model rather than T + 1 full state dicts."""
+    from taskmerge.settings import get_setting
     from taskmerge.task_vectors import task_vector_stats
 
     validation.check_run(cfg)
-    setting = load_setting(cfg, StageTimer())
-    names = [t.name for t in setting.tasks]
-    pretrained = checkpoints.load_state_dict(setting.zoo.base)
-    finetuned = [checkpoints.load_state_dict(setting.zoo.finetuned[n]) for n in names]
+    zoo = get_setting(cfg["tasks"]["setting"]).load_zoo(cfg)
+    names = list(cfg["tasks"]["names"])
+    pretrained = checkpoints.open_state_dict(zoo.base)
+    finetuned = [checkpoints.open_state_dict(zoo.finetuned[n]) for n in names]
     stats = task_vector_stats(pretrained, finetuned, names).to_dict()
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "task_vectors.json", stats)
     plots.plot_layer_norms(stats["layers"], stats["layer_norms"], run_dir / "plots" / "task_vector_norms.png")
     plots.plot_cosine(names, stats["cosine"], stats["cosine_with_mean"], run_dir / "plots" / "task_vector_cosine.png")
-    table = Table(title="task vectors")
-    for column in ["task", "‖τ‖₂", "cos with mean τ", *names]:
-        table.add_column(column, justify="left" if column == "task" else "right")
-    for i, name in enumerate(names):
-        table.add_row(name, f"{stats['norms'][name]:.3f}", f"{stats['cosine_with_mean'][name]:.3f}", *[f"{c:.3f}" for c in stats["cosine"][i]])
-    Console().print(table)
+    console = Console()
+    console.print(summary_table(stats))
+    if stats["blocks"]:
+        console.print(layer_table(stats))
+    console.print(cosine_table(stats))
     return stats
+
+
+def _fmt(value: float) -> str:
+    """A norm in three significant digits (two below 1), without exponent."""
+    if value == 0:
+        return "0"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.2g}"
+
+
+def summary_table(stats: Mapping[str, Any]) -> Table:
+    """Per task: ‖τ‖₂, the range of its per-block norms (App. F) where the encoder has blocks, and the cosine
+    with the mean task vector τ̄."""
+    names, blocks = stats["tasks"], stats["blocks"]
+    table = Table(title="task vectors")
+    table.add_column("task", no_wrap=True)
+    table.add_column("‖τ‖₂", justify="right", no_wrap=True)
+    if blocks:
+        table.add_column(f"‖τ‖₂ per block ({len(blocks)}): min–max", justify="right", no_wrap=True)
+    table.add_column("cos(τ, τ̄)", justify="right", no_wrap=True)
+    for name in names:
+        span = [f"{_fmt(min(stats['block_norms'][name]))} – {_fmt(max(stats['block_norms'][name]))}"] if blocks else []
+        table.add_row(name, f"{stats['norms'][name]:.3f}", *span, f"{stats['cosine_with_mean'][name]:.3f}")
+    return table
+
+
+def cosine_table(stats: Mapping[str, Any]) -> Table:
+    """Cosine similarity between every two task vectors."""
+    names = stats["tasks"]
+    table = Table(title="cosine similarities")
+    table.add_column("task", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right")
+    for name, row in zip(names, stats["cosine"]):
+        table.add_row(name, *[f"{c:.3f}" for c in row])
+    return table
+
+
+def layer_table(stats: Mapping[str, Any]) -> Table:
+    """‖τ_t‖₂ per layer in depth order, one column per task; layers that no task changes are named in the
+    caption instead of taking a row."""
+    names, norms = stats["tasks"], stats["layer_norms"]
+    changed = [layer for layer in stats["layers"] if any(norms[t][layer] > 0 for t in names)]
+    unchanged = [layer for layer in stats["layers"] if layer not in changed]
+    table = Table(title="‖τ_t‖₂ per layer (by depth)",
+                  caption=f"unchanged by every task: {', '.join(unchanged)}" if unchanged else None)
+    table.add_column("layer")
+    for name in names:
+        table.add_column(name, justify="right")
+    for layer in changed:
+        table.add_row(layer, *[_fmt(norms[t][layer]) for t in names])
+    return table
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")

@@ -122,5 +122,6 @@ def test_task_vector_analysis_of_a_release(clip_data, clip_releases, clip_cache,
     assert len(blocks) == 12
     for name in CLIP_NAMES:
         assert stats["norms"][name] > 0 and all(stats["layer_norms"][name][b] > 0 for b in blocks)
-        assert stats["layer_norms"][name]["token_embedding"] == 0.0, "fine-tuning leaves the text leftovers alone"
+        assert stats["layer_norms"][name]["embeddings"] == 0.0, "fine-tuning leaves the text leftovers alone"
+        assert stats["layer_norms"][name]["visual.embeddings"] > 0 and stats["block_norms"][name] == [stats["layer_norms"][name][b] for b in blocks]
     assert (tmp_path / "plots" / "task_vector_norms.png").is_file()

@@ -36,7 +36,8 @@ def main(overrides: list[str]) -> None:
                 for t in setting.tasks}
     fixed, space = _method_space(cfg["method"])
     candidates = search.grid_candidates(cfg["method"]["name"], fixed, space)
-    student = setting.new_encoder(pipeline.merger(candidates[0]))
+    merger = pipeline.mergers[cfg["method"]["name"]]
+    student = setting.new_encoder(merger(candidates[0]))
     images = torch.cat([samples.take_all() for samples in unlabeled.values()])
     extract_features(student, images, tap_cfg["features"], tap_cfg["batch_size"])  # warm-up
     start = time.perf_counter()
@@ -49,7 +50,7 @@ def main(overrides: list[str]) -> None:
     print("| candidate | TAP s | Eval s | Eval / TAP | TAP / floor |\n|---|---|---|---|---|")
     totals = [0.0, 0.0]
     for hparams in candidates:
-        student.load_state_dict(student.encoder_weights(pipeline.merger(hparams)))
+        student.load_state_dict(student.encoder_weights(merger(hparams)))
         start = time.perf_counter()
         compute_tap(student, unlabeled, teachers, tap_cfg["features"], tap_cfg["distance"], tap_cfg["batch_size"])
         tap = time.perf_counter() - start

@@ -98,6 +98,14 @@ class FrozenHeadDecoderConfig:
 
 
 @dataclass
+class AutoMethodConfig:
+    """`method=auto`: the default grid of every method in `candidates` scored in one run, selected across them."""
+
+    name: str = "auto"
+    candidates: list[str] = field(default_factory=lambda: ["ta", "ties", "tsv", "iso_c"])
+
+
+@dataclass
 class LoggerConfig:
     name: str = "wandb"
     mode: str = checked("offline", one_of("offline", "online", "disabled"), "'offline', 'online' or 'disabled'")
@@ -136,6 +144,7 @@ class Config:
 SCHEMAS: dict[tuple[Optional[str], str], Any] = {
     (None, "config_schema"): Config,
     ("method", "adamerging_schema"): AdaMergingMethodConfig,
+    ("method", "auto_schema"): AutoMethodConfig,
     ("selector", "selector_schema"): SelectorConfig,
     ("search", "grid_schema"): GridSearchConfig,
     ("search", "random_schema"): RandomSearchConfig,

@@ -208,15 +208,26 @@ def build_protocol(decoder_cfg: Mapping[str, Any], seed: int) -> evaluation.Eval
 @dataclass
 class Pipeline:
     """What scoring and finalizing share: the loaded setting, the decoder protocol, the reference metrics,
-    the merger and the stage timer."""
+    one merger per method of the run and the stage timer."""
 
     cfg: Mapping[str, Any]
     setting: Setting
     protocol: evaluation.EvalProtocol
     refs: dict[str, Any]
-    merger: CandidateMerger | LearnedMerger
+    mergers: dict[str, CandidateMerger | LearnedMerger]
     timer: StageTimer
     distributed: Distributed = Distributed()
+
+
+
+def method_configs(method_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The method sections a run scores: its own, or for `method=auto` each candidate method's default option
+    (its YAML's grid), in the order given."""
+    if method_cfg["name"] != validation.AUTO:
+        return {method_cfg["name"]: method_cfg}
+    from taskmerge.loading import option_config
+
+    return {name: option_config("method", name) for name in method_cfg["candidates"]}
 
 
 def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distributed = Distributed()) -> Pipeline:
@@ -225,7 +236,9 @@ def open_pipeline(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distri
     setting = load_setting(cfg, timer, distributed)
     with timer.stage("references"):
         refs = reference_metrics(setting, protocol, Path(cfg["paths"]["cache_dir"]), distributed)
-    return Pipeline(cfg, setting, protocol, refs, CandidateMerger(cfg["method"]["name"], setting, timer), timer, distributed)
+    mergers: dict[str, CandidateMerger | LearnedMerger] = {name: CandidateMerger(name, setting, timer)
+                                                          for name in method_configs(cfg["method"])}
+    return Pipeline(cfg, setting, protocol, refs, mergers, timer, distributed)
 
 
 def run_experiment(cfg: Mapping[str, Any], run_dir: Path, distributed: Distributed = Distributed()) -> dict[str, Any]:
@@ -241,18 +254,21 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, distributed: Distribut
 def _run_pipeline(cfg: Mapping[str, Any], run_dir: Path, distributed: Distributed) -> dict[str, Any]:
     timer, start = StageTimer(), time.perf_counter()
     method, selector = cfg["method"]["name"], cfg["selector"]["name"]
-    if method == ADAMERGING:
-        strategy: search.SearchStrategy = search.GridSearch([adamerging_hparams(cfg["method"])])
-    else:
-        fixed, space = _method_space(cfg["method"])
-        strategy = search.build_strategy(cfg["search"], method, fixed, space, run_dir)
+    strategies: dict[str, search.SearchStrategy] = {}
+    for name, method_cfg in method_configs(cfg["method"]).items():
+        if name == ADAMERGING:
+            strategies[name] = search.GridSearch([adamerging_hparams(method_cfg)])
+        else:
+            fixed, space = _method_space(method_cfg)
+            strategies[name] = search.build_strategy(cfg["search"], name, fixed, space, run_dir)
     pipeline = open_pipeline(cfg, timer, distributed)
     group = cfg["sweep_name"] or f"{cfg['tasks']['name']}-{method}"
     logger = create_logger(cfg["logger"], run_dir, cfg, group=group, job_type=selector) if distributed.is_main else NullLogger()
     try:
         if method == ADAMERGING:
-            pipeline.merger = learn_adamerging(pipeline, run_dir)
-        rows = _score_candidates(pipeline, strategy, selector, run_dir, logger)
+            pipeline.mergers[ADAMERGING] = learn_adamerging(pipeline, run_dir)
+        rows = [row for name, strategy in strategies.items()
+                for row in _score_candidates(pipeline, name, strategy, selector, run_dir, logger)]
         return finalize(pipeline, rows, selector, run_dir, logger, start)
     finally:
         logger.finish()
@@ -329,14 +345,13 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     return LearnedMerger(ADAMERGING, hparams, merged)
 
 
-def _score_candidates(pipeline: Pipeline, strategy: search.SearchStrategy, selector: str, run_dir: Path,
+def _score_candidates(pipeline: Pipeline, method: str, strategy: search.SearchStrategy, selector: str, run_dir: Path,
                       logger: RunLogger) -> list[dict[str, Any]]:
     """Score the candidates the search strategy proposes (TAP always, Eval for selector eval|both), resuming
     from `candidates.jsonl`. A candidate that fails (non-finite TAP, a diverging decoder, …) is recorded with
     its error and the sweep goes on."""
-    cfg, setting, merger, protocol, refs, timer = (pipeline.cfg, pipeline.setting, pipeline.merger, pipeline.protocol,
+    cfg, setting, merger, protocol, refs, timer = (pipeline.cfg, pipeline.setting, pipeline.mergers[method], pipeline.protocol,
                                                    pipeline.refs, pipeline.timer)
-    method = merger.method
     tap_cfg = cfg["tap"]
     needs_eval = selector in ("eval", "both", "frozen_decoder")
     heads = {t.name: setting.load_head(t.name) for t in setting.tasks} if selector == "frozen_decoder" else {}
@@ -441,21 +456,21 @@ def _test_metrics(pipeline: Pipeline, merged: Mapping[str, torch.Tensor]) -> dic
 
 def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     """Pick the candidate, re-train decoders on it, evaluate on test and build `selection.json`."""
-    cfg, setting, merger, protocol, timer = pipeline.cfg, pipeline.setting, pipeline.merger, pipeline.protocol, pipeline.timer
-    method = merger.method
+    cfg, setting, protocol, timer = pipeline.cfg, pipeline.setting, pipeline.protocol, pipeline.timer
     aggregate, base = cfg["tap"]["aggregate"], tap_of_base(pipeline)
-    selected: dict[str, Any] = {}
+    picks: dict[str, dict[str, Any]] = {}
     if selector in ("tap", "both", "frozen_decoder"):
-        selected["tap"] = search.pick_by_tap(rows, aggregate, base)["hparams"]
+        picks["tap"] = search.pick_by_tap(rows, aggregate, base)
     if selector in ("eval", "both", "frozen_decoder"):
-        selected["eval"] = search.pick_by_eval(rows)["hparams"]
+        picks["eval"] = search.pick_by_eval(rows)
     if selector == "frozen_decoder":
-        selected["frozen_decoder"] = search.pick_by_frozen(rows)["hparams"]
+        picks["frozen_decoder"] = search.pick_by_frozen(rows)
+    selected = {by: row["hparams"] for by, row in picks.items()}
     final_by = "tap" if selector == "both" else selector
-    final_hparams = selected[final_by]
-    final_row = next(r for r in rows if r["hparams"] == final_hparams)
+    final_row = picks[final_by]
+    method, final_hparams = final_row["method"], final_row["hparams"]
     with timer.stage("final"):
-        merged = merger(final_hparams)
+        merged = pipeline.mergers[method](final_hparams)
         final = _test_metrics(pipeline, merged)
     if cfg["save_merged"] and pipeline.distributed.is_main:
         checkpoints.save_state_dict(run_dir / "merged_encoder.safetensors", merged, metadata={"method": method, "hparams": str(final_hparams)})
@@ -463,6 +478,7 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
         "method": method,
         "selector": selector,
         "selected": selected,
+        "selected_methods": {by: row["method"] for by, row in picks.items()},
         "final_by": final_by,
         "selected_tap": final_row["tap"],
         "tap_aggregate": aggregate,
@@ -474,9 +490,12 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
                        else "decoders re-trained on each frozen encoder"),
         "failed_candidates": [{"hparams": r["hparams"], "error": r["error"]} for r in rows if r.get("error")],
     }
-    if selector == "both" and selected["eval"] != final_hparams:  # what choosing by Eval would have given on test
+    if selector == "both" and picks["eval"] is not final_row:  # what choosing by Eval would have given on test
         with timer.stage("final"):
-            selection["final_eval_pick"] = _test_metrics(pipeline, merger(selected["eval"]))["metrics"]
+            eval_row = picks["eval"]
+            selection["final_eval_pick"] = _test_metrics(pipeline, pipeline.mergers[eval_row["method"]](eval_row["hparams"]))["metrics"]
+    if len(pipeline.mergers) > 1:  # method=auto: each method's own picks, side by side
+        selection["per_method"] = search.per_method_picks(rows, aggregate, base)
     if selector in ("both", "frozen_decoder"):
         selection["agreement"] = search.agreement(rows, aggregate, base)
         selection["agreement_by_aggregate"] = search.agreement_by_aggregate(rows, base)

@@ -58,9 +58,9 @@ def candidate_table(tasks: Sequence[Task], rows: Sequence[Mapping[str, Any]]) ->
     header = ["hparams", *[f"TAP {t.name}" for t in tasks], "TAP mean"]
     if with_eval:
         header += [f"val {t.name}" for t in tasks] + ["val normalized"]
-    table = []
+    table, several = [], len({r["method"] for r in rows}) > 1  # method=auto: name each row's method
     for r in rows:
-        label = json.dumps(r["hparams"]) if r["hparams"] else "–"
+        label = (f"{r['method']} " if several else "") + (json.dumps(r["hparams"]) if r["hparams"] else "–")
         if r.get("error"):
             table.append([label, f"failed: {r['error']}"] + [""] * (len(header) - 2))
             continue
@@ -79,6 +79,16 @@ def aggregate_table(selection: Mapping[str, Any]) -> tuple[list[str], list[list[
     return header, rows
 
 
+def per_method_table(selection: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of each method's own TAP pick (`method=auto`), with its Eval where Eval ran."""
+    header = ["method", "TAP pick", "mean TAP", "Eval of TAP pick", "Eval pick", "Eval best"]
+    number = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [[method, json.dumps(p.get("tap_pick")), number(p.get("mean_tap")), number(p.get("eval_of_tap_pick")),
+             json.dumps(p["eval_pick"]) if "eval_pick" in p else "", number(p.get("eval_best"))]
+            for method, p in selection["per_method"].items()]
+    return header, rows
+
+
 def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Mapping[str, Any]) -> None:
     """Print the final table, the selected hyperparameters and the time spent per stage."""
     console = Console()
@@ -90,6 +100,14 @@ def print_summary(tasks: Sequence[Task], selection: Mapping[str, Any], refs: Map
         table.add_row(*row)
     console.print(table)
     console.print(f"selected: {json.dumps(selection['selected'])}")
+    if "per_method" in selection:
+        table = Table(title=f"method=auto: each method's own TAP pick (selected: {json.dumps(selection['selected_methods'])})")
+        header, rows = per_method_table(selection)
+        for name in header:
+            table.add_column(name, justify="left" if name in ("method", "TAP pick", "Eval pick") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     if "final_eval_pick" in selection:
         console.print(f"the Eval pick {json.dumps(selection['selected']['eval'])} would give normalized "
                       f"{selection['final_eval_pick']['normalized']:.3f} on test (report.md has it per task)")
@@ -116,7 +134,8 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
     """`report.md`: selection, final table, candidates, agreement, timings and plots of a run."""
     parts = [
         f"# taskmerge report: {selection['method']} on {cfg['tasks']['name']} ({cfg['encoder']['name']})",
-        f"Selector: **{selection['selector']}**. Selected: `{json.dumps(selection['selected'])}`.",
+        f"Selector: **{selection['selector']}**. Selected: `{json.dumps(selection['selected'])}` "
+        f"(method `{json.dumps(selection['selected_methods'])}`).",
         f"TAP: distance `{cfg['tap']['distance']}`, features `{cfg['tap']['features']}`, {cfg['tap']['n_samples']} unlabeled images per task, "
         f"aggregated over tasks by `{selection['tap_aggregate']}`; TAP of the base encoder θ0: "
         + ", ".join(f"{task} {value:.4f}" for task, value in selection["tap_base"].items()) + ".",
@@ -126,6 +145,8 @@ def write_report(path: Path, cfg: Mapping[str, Any], tasks: Sequence[Task], rows
         "## Candidates",
         _markdown_table(*candidate_table(tasks, rows)),
     ]
+    if "per_method" in selection:
+        parts += ["## Each method's own TAP pick (method=auto)", _markdown_table(*per_method_table(selection))]
     if selection["failed_candidates"]:
         parts.append(f"{len(selection['failed_candidates'])} failed candidate(s) were ignored by the selection.")
     if "agreement" in selection:

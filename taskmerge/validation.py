@@ -23,6 +23,7 @@ from taskmerge.selection.evaluation import DecoderProtocol
 from taskmerge.settings import get_setting
 
 ADAMERGING = "adamerging"
+AUTO = "auto"
 SKIPPED_SECTIONS = ("hydra",)
 
 
@@ -79,6 +80,9 @@ def check_run(cfg: Mapping[str, Any]) -> None:
     check_device(cfg["device"])
     check_tap_aggregate(cfg)
     check_decoder_protocol(cfg)
+    if cfg["method"]["name"] == AUTO and cfg["search"]["name"] != "grid":
+        raise UserError(f"method=auto scores every candidate method's default grid; expected search=grid, got "
+                        f"search={cfg['search']['name']}")
     get_setting(cfg["tasks"]["setting"]).check_inputs(cfg)  # cheap: every rank runs it, no rank waits for a failed one
 
 
@@ -113,10 +117,13 @@ def check_method(method_cfg: Mapping[str, Any]) -> None:
     name = method_cfg["name"]
     if name == ADAMERGING:
         return  # its options are schema fields with their own checks
+    if name == AUTO:
+        _check_auto(method_cfg["candidates"])
+        return
     try:
         cls = merging.get_method(name)
     except KeyError as error:
-        raise UserError(f"method={name}: unknown merge method; available: {merging.available() + [ADAMERGING]}") from error
+        raise UserError(f"method={name}: unknown merge method; available: {merging.available() + [ADAMERGING, AUTO]}") from error
     hparams = cls.hparams
     search = dict(method_cfg.get("search") or {})
     for key, value in method_cfg.items():
@@ -130,6 +137,18 @@ def check_method(method_cfg: Mapping[str, Any]) -> None:
             raise UserError(f"method.search.{key}={values!r} is invalid; expected a non-empty list of candidate values")
         for value in values:
             _check_hparam(name, hparams, f"method.search.{key}", key, value)
+
+
+def _check_auto(candidates: list[str]) -> None:
+    """`method.candidates`: distinct searched merge methods, each with a valid default option (its grid)."""
+    from taskmerge.loading import option_config  # loading reads options through this module's field checks
+
+    searched = merging.available()
+    if not candidates or len(set(candidates)) != len(candidates) or any(c not in searched for c in candidates):
+        raise UserError(f"method.candidates={candidates} is invalid for method=auto; expected distinct merge methods "
+                        f"from {searched} (AdaMerging learns its merge: run it as method=adamerging)")
+    for candidate in candidates:
+        check_method(option_config("method", candidate))
 
 
 def _check_hparam(method: str, hparams: Mapping[str, merging.HParam], option: str, key: str, value: Any) -> None:

@@ -124,3 +124,27 @@ def test_frozen_decoder_selector_scores_with_the_fine_tuned_heads(tmp_path, cach
     assert selection["selected"]["frozen_decoder"] == best["hparams"]
     assert set(selection["frozen_agreement"]) == {"spearman", "kendall", "regret", "n_candidates"}
     assert "Appendix E" in (run_dir / "report.md").read_text()
+
+
+def test_method_auto_scores_every_default_grid_and_runs_are_deterministic(tmp_path, cache_dir):
+    """`method=auto` scores the default grids of its candidates in one run and picks across them, showing each
+    method's own pick; a second run on the same cache computes bit-identical TAP values."""
+    run_dir = tmp_path / "auto"
+    out = _run(run_dir, "method=auto", "method.candidates=[ta,average]", "selector=both").stdout
+    rows = _rows(run_dir)
+    ta_grid = [{"alpha": a} for a in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    assert [r["hparams"] for r in rows if r["method"] == "ta"] == ta_grid
+    assert {r["method"] for r in rows} == {"ta", "average"} and not any(r.get("error") for r in rows)
+    selection = json.loads((run_dir / "selection.json").read_text())
+    best = search.pick_by_tap(rows, selection["tap_aggregate"], selection["tap_base"])
+    assert selection["method"] == best["method"] == selection["selected_methods"]["tap"]
+    assert selection["selected"]["tap"] == best["hparams"] and selection["agreement"]["n_candidates"] == len(rows)
+    assert set(selection["per_method"]) == {"ta", "average"}
+    for method, picks in selection["per_method"].items():
+        own = [r for r in rows if r["method"] == method]
+        assert picks["tap_pick"] == search.pick_by_tap(own, selection["tap_aggregate"], selection["tap_base"])["hparams"]
+    assert "each method's own TAP pick" in out and "## Each method's own TAP pick" in (run_dir / "report.md").read_text()
+
+    again = tmp_path / "again"
+    _run(again, "method=ta", "selector=tap")
+    assert [r["tap"] for r in _rows(again)] == [r["tap"] for r in rows if r["method"] == "ta"], "same config, same TAP"

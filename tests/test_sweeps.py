@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +34,9 @@ def test_submitit_multirun_then_select_equals_in_process_grid(tmp_path, cache_di
             f"hydra.run.dir={in_process}")
     swept = json.loads((sweep / "selection.json").read_text())
     grid = json.loads((in_process / "selection.json").read_text())
-    for key in ("selected", "final", "agreement"):
-        assert swept[key] == grid[key], key
+    assert swept["selected"] == grid["selected"] and swept["selected_tap"] == grid["selected_tap"], "TAP: the same bits"
+    for key in ("final", "agreement"):  # decoders trained with 1 thread per concurrent job vs 2: equal to rounding
+        assert swept[key] == pytest.approx(grid[key], rel=1e-6), key
     assert (sweep / "report.md").is_file() and (sweep / "plots" / "tap_vs_eval.png").is_file()
 
 

@@ -187,6 +187,25 @@ def pick_by_eval(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return max(scored, key=lambda r: r["eval"]["normalized"])
 
 
+def per_method_picks(rows: Sequence[Mapping[str, Any]], aggregate: str = MEAN,
+                     base: Mapping[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Each method's own TAP pick among its rows (aggregated within them), with its mean TAP and, where Eval ran,
+    its normalized Eval and the method's Eval-best: what `method=auto` shows side by side."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        own = [r for r in rows if r["method"] == method]
+        if not tap_scores(own, aggregate, base):
+            out[method] = {"error": "no candidate with a finite TAP"}
+            continue
+        pick = pick_by_tap(own, aggregate, base)
+        entry: dict[str, Any] = {"tap_pick": pick["hparams"], "mean_tap": pick["tap"]["mean"]}
+        if _valid(own, "eval"):
+            entry.update(eval_of_tap_pick=pick["eval"]["normalized"] if pick.get("eval") else None,
+                         eval_pick=pick_by_eval(own)["hparams"], eval_best=pick_by_eval(own)["eval"]["normalized"])
+        out[method] = entry
+    return out
+
+
 def agreement(rows: Sequence[Mapping[str, Any]], aggregate: str = MEAN,
               base: Mapping[str, float] | None = None) -> dict[str, float]:
     """Rank agreement of the aggregated TAP (`aggregate`, over the rows scored by both) and mean normalized

@@ -184,7 +184,7 @@ def test_dense_demo_is_a_real_merging_problem(tmp_path):
     base_normalized = sum(min(base[t], refs["finetuned"]["test"][t]) / max(base[t], refs["finetuned"]["test"][t])
                           for t in ("ade20k", "nyud")) / 2  # ADE ↑ and NYU ↓: the smaller over the larger
     assert base_normalized < selection["final"]["normalized"] < 1.0
-    assert selection["agreement"]["n_candidates"] == 10
+    assert selection["agreement"]["n_candidates"] == 5
 
 
 @pytest.mark.parametrize("recipe, encoder, jobs", [("dune_table3", "dune_vitb14", 6), ("dinov2_table4", "dinov2_vitb14", 6),

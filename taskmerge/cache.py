@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -178,11 +179,14 @@ def write_tensors_entry(path: str | Path, tensors: Mapping[str, torch.Tensor], m
 
 @contextlib.contextmanager
 def building(path: str | Path) -> Iterator[None]:
-    """Hold the build lock of cache entry `path` (a sibling `.NAME.lock`, blocking): processes sharing a cache build
-    an entry once, the others wait and read it. Re-check the entry inside the block; the OS drops a dead holder's lock."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
+    """Hold the build lock of cache entry `path` (blocking): processes on this machine that share a cache build an
+    entry once, the others wait, then find it built. Re-check the entry inside the block. Locks live in the system's
+    temporary folder, one per entry path, so the cache holds only entries; the OS drops a dead holder's lock.
+    Processes on other machines are not excluded: they may build the same entry, and the atomic rename keeps one."""
+    folder = Path(tempfile.gettempdir()) / "taskmerge-locks"
+    folder.mkdir(exist_ok=True)
+    name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    with open(folder / f"{name}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hydra import compose, initialize_config_module
 
+from taskmerge.config import register_configs, to_plain
 from taskmerge.errors import UserError
 from taskmerge.experiment import run_experiment
 from taskmerge.tracking import WandbLogger, run_directory_lock
@@ -11,9 +13,10 @@ from taskmerge.tracking import WandbLogger, run_directory_lock
 
 def test_run_experiment_refuses_a_run_directory_held_by_another_run(tmp_path):
     run_dir = tmp_path / "run"
-    cfg = {"method": {"name": "ta", "alpha": 0.3, "search": {}}, "tasks": {"setting": "builtin", "encoder_family": "builtin_vit",
-           "names": ["digits"], "n_train": 8}, "encoder": {"name": "builtin_vit", "img_size": 32, "patch_size": 4,
-           "embed_dim": 32, "num_heads": 2}, "tap": {"n_samples": 4}, "device": "cpu"}
+    register_configs()
+    with initialize_config_module(config_module="taskmerge.configs", version_base="1.3"):
+        cfg = to_plain(compose(config_name="config", overrides=["method.alpha=0.3", "tasks.names=[digits]", "tasks.n_train=8",
+                                                                "tap.n_samples=4", "device=cpu", "logger=none"]))
     with run_directory_lock(run_dir):
         with pytest.raises(UserError, match=f"hydra.run.dir={run_dir} is in use by another run \\(pid \\d+"):
             run_experiment(cfg, run_dir)

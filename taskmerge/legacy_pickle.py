@@ -13,6 +13,12 @@ callable, so no pickled code can run. Names that only an attack needs — the re
 (`posix.system`, `builtins.eval`, `subprocess.Popen`, `functools.partial`, …) and of `torch` outside
 `torch.nn` (`torch.load`, `torch.hub.*`, `torch._C.*`) — are refused with an error naming them, so an attack
 fails loudly instead of loading half inert. A checkpoint from the internet is untrusted input.
+
+Training checkpoints (ScaLR's `ckpt_last.pth`) hold numpy scalars in their optimiser and scheduler states:
+numpy's scalar rebuilder (`numpy.core.multiarray.scalar`, `numpy._core.multiarray.scalar` since numpy 2) and
+`numpy.dtype` are allow-listed in checked forms that rebuild numbers only (a dtype from a type string, a
+boolean, integer, float or complex scalar from its bytes). `NUMPY_SAFE_GLOBALS` offers the same builders to
+`torch.serialization.safe_globals` for `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from codecs import encode
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,7 +86,38 @@ def _reconstruct(cls: Any, base: type, state: Any) -> Any:
     return copyreg._reconstructor(cls, base, state)
 
 
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy's own rebuilder, wherever this numpy version keeps it
+_NUMERIC_KINDS = "biufc"
+
+
+def _numpy_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
+    """`numpy.dtype` as pickles call it (`dtype('f8', False, True)`), for a type string only."""
+    if not isinstance(spec, str):
+        raise pickle.UnpicklingError(f"refusing numpy.dtype({spec!r}): only a dtype named by a string is rebuilt")
+    return np.dtype(spec, bool(align), bool(copy))
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's scalar rebuilder for a numeric dtype and the scalar's bytes only (an object dtype would hand back
+    any pickled object as a 'scalar')."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS or dtype.hasobject or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"refusing a numpy scalar of dtype {dtype!r} from {type(data).__name__}: only "
+                                     "boolean, integer, float and complex scalars are rebuilt")
+    return _NUMPY_SCALAR(dtype, data)
+
+
+NUMPY_SAFE_GLOBALS: list[Any] = [
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    (_numpy_scalar, "numpy._core.multiarray.scalar"),
+    (_numpy_dtype, "numpy.dtype"),
+    # `torch.load(weights_only=True)` sets a rebuilt dtype's state only for allow-listed types
+    *sorted({type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"}, key=lambda t: t.__name__),
+]
+
 _ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy 1 pickles
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2 pickles
+    ("numpy", "dtype"): _numpy_dtype,
     **{("torch", name): value for name, value in vars(torch).items()
        if isinstance(value, torch.dtype) or (isinstance(value, type) and name.endswith("Storage"))},
     **{("torch._utils", f.__name__): f for f in (torch._utils._rebuild_tensor, torch._utils._rebuild_tensor_v2,

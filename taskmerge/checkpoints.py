@@ -11,13 +11,14 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from taskmerge.legacy_pickle import load_legacy
+from taskmerge.errors import UserError
+from taskmerge.legacy_pickle import load_legacy, load_legacy_object
 
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 
@@ -242,3 +243,31 @@ def fingerprint(path: str | Path) -> str:
                 digest.update(block)
         _FINGERPRINTS[memo] = digest.hexdigest()
     return _FINGERPRINTS[memo]
+
+
+def load_container(path: str | Path, safe_globals: Iterable[Any] = (), suffixes: tuple[str, ...] = (".pt", ".pth", ".bin")) -> Any:
+    """A release file's top-level object: safetensors as a dict; a pickle through torch's weights-only loader with
+    `safe_globals` allowed, else through the restricted unpickler (which never runs pickled code). Every failure is
+    one `UserError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{path}: cannot read this safetensors file ({error}); is it truncated or damaged?") from error
+    if path.suffix not in suffixes:
+        raise UserError(f"{path}: unsupported checkpoint suffix {path.suffix!r}; expected {', '.join(suffixes)} or .safetensors")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # a name outside the weights-only allow-list: the restricted unpickler decides below
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read this checkpoint ({type(error).__name__}: {error}); "
+                        "is it truncated or damaged?") from error
+    try:
+        return load_legacy_object(path)
+    except (ValueError, RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"{path}: cannot read this checkpoint ({error})") from error

@@ -19,12 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from taskmerge.checkpoints import atomic_write, save_state_dict
+from taskmerge.checkpoints import atomic_write, load_container, save_state_dict
 from taskmerge.errors import UserError
-from taskmerge.legacy_pickle import load_legacy_object
 
 Layout = Literal["dune", "dinov2", "multihmr", "safetensors"]
 LAYOUTS: tuple[str, ...] = ("dune", "dinov2", "multihmr", "safetensors")
@@ -53,7 +50,7 @@ class Release:
 def read_release(path: str | Path) -> Release:
     """Read any layout of spec dense §1 and map its encoder to canonical names; refuse files without one."""
     path = Path(path)
-    container = _load_object(path)
+    container = load_container(path, safe_globals=[argparse.Namespace])
     state, state_key = _state_dict_of(container, path)
     canonical, names, layout = canonicalize(state, path)
     if path.suffix == ".safetensors":
@@ -64,31 +61,6 @@ def read_release(path: str | Path) -> Release:
 def load_canonical(path: str | Path) -> dict[str, torch.Tensor]:
     """The canonical encoder state dict of a release file."""
     return read_release(path).canonical
-
-
-def _load_object(path: Path) -> Any:
-    """The file's top-level object: safetensors as a dict, `.pt/.pth/.bin` weights-only or restricted-unpickled."""
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise UserError(f"{path}: cannot read this safetensors file ({error}); is it truncated or damaged?") from error
-    if path.suffix not in (".pt", ".pth", ".bin"):
-        raise UserError(f"{path}: unsupported checkpoint suffix {path.suffix!r}; expected .pth, .pt, .bin or .safetensors")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a name outside the weights-only allow-list: the restricted unpickler decides below
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot read this checkpoint ({type(error).__name__}: {error}); "
-                        "is it truncated or damaged?") from error
-    try:
-        return load_legacy_object(path)
-    except (ValueError, RuntimeError, EOFError, OSError) as error:
-        raise UserError(f"{path}: cannot read this checkpoint ({error})") from error
 
 
 def _state_dict_of(container: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:

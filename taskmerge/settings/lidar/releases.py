@@ -16,18 +16,16 @@ to the project's restricted unpickler; neither runs pickled code. Every error na
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from taskmerge.checkpoints import load_container
 from taskmerge.errors import UserError
-from taskmerge.legacy_pickle import NUMPY_SAFE_GLOBALS, load_legacy_object
+from taskmerge.legacy_pickle import NUMPY_SAFE_GLOBALS
 
 from .encoder import ENCODER_PREFIXES, WaffleIronConfig
 
@@ -63,7 +61,7 @@ class Release:
 def read_release(path: str | Path) -> Release:
     """Read any layout above; refuse a file without a complete WaffleIron encoder."""
     path = _release_file(Path(path))
-    container = _load_object(path)
+    container = load_container(path, safe_globals=NUMPY_SAFE_GLOBALS, suffixes=(".pth", ".pt"))
     state, state_key = _state_dict_of(container, path)
     encoder, head = split_state(state, path)
     layout: Layout = "state_dict" if state_key is None else ("finetuned" if state_key == "net" else "pretrained")
@@ -135,30 +133,6 @@ def _release_file(path: Path) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     return path
-
-
-def _load_object(path: Path) -> Any:
-    """The file's top-level object: safetensors as a dict, `.pth/.pt` weights-only (numpy numbers allowed) or,
-    failing that, through the restricted unpickler."""
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise UserError(f"{path}: cannot read this safetensors file ({error}); is it truncated or damaged?") from error
-    if path.suffix not in (".pth", ".pt"):
-        raise UserError(f"{path}: unsupported checkpoint suffix {path.suffix!r}; expected .pth, .pt or .safetensors")
-    try:
-        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        pass  # a name outside the weights-only allow-list: the restricted unpickler decides below
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot read this checkpoint ({type(error).__name__}: {error}); "
-                        "is it truncated or damaged?") from error
-    try:
-        return load_legacy_object(path)
-    except (ValueError, RuntimeError, EOFError, OSError) as error:
-        raise UserError(f"{path}: cannot read this checkpoint ({error})") from error
 
 
 def _state_dict_of(container: Any, path: Path) -> tuple[Mapping[str, Any], str | None]:

@@ -162,19 +162,31 @@ def read_tensors_entry(path: str | Path) -> dict[str, torch.Tensor] | None:
     return read_entry(path, lambda p: load_file(str(p)))
 
 
+def _write_sealed(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a cache entry through `write(temporary path)`, record its checksum, then rename it into place: a reader
+    sees no entry, or an entry with its checksum, never one without (which it would take for damaged and remove)."""
+    path = Path(path)
+    with checkpoints.atomic_write(path) as tmp:
+        write(tmp)
+        digest = checkpoints.fingerprint(tmp)
+        atomic_write_text(checksum_path(path), digest + "\n")
+    checkpoints.remember_fingerprint(path, digest)
+    return path
+
+
 def write_text_entry(path: str | Path, text: str) -> Path:
-    """Write `text` atomically as a cache entry and seal it."""
-    return seal(atomic_write_text(path, text))
+    """Write `text` atomically as a sealed cache entry."""
+    return _write_sealed(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_entry(path: str | Path, data: Any) -> Path:
-    """Write `data` as JSON atomically as a cache entry and seal it."""
-    return seal(atomic_write_json(path, data))
+    """Write `data` as JSON atomically as a sealed cache entry."""
+    return write_text_entry(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_tensors_entry(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` as safetensors atomically as a cache entry and seal it."""
-    return seal(checkpoints.save_state_dict(path, tensors, metadata))
+    """Write `tensors` as safetensors atomically as a sealed cache entry."""
+    return _write_sealed(path, lambda tmp: checkpoints.write_safetensors(tmp, tensors, metadata))
 
 
 @contextlib.contextmanager

@@ -94,10 +94,15 @@ def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `state_dict` as safetensors at `path` itself (no rename): for callers that publish the file themselves."""
+    save_file(_unshared(state_dict), str(path), metadata=metadata)
+
+
 def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write `state_dict` as safetensors via a temporary file and a rename: never a half-written file."""
     with atomic_write(path) as tmp:
-        save_file(_unshared(state_dict), str(tmp), metadata=metadata)
+        write_safetensors(tmp, state_dict, metadata)
     return Path(path)
 
 

@@ -141,7 +141,7 @@ def test_run_directory_is_named_after_method_and_selector(tmp_path):
 
 def test_schemas_are_not_options(tmp_path):
     result = _run("--help")
-    assert result.returncode == 0 and "method: adamerging, average," in result.stdout and "_schema" not in result.stdout
+    assert result.returncode == 0 and "method: adamerging, auto, average," in result.stdout and "_schema" not in result.stdout
     assert _run("method=ta_schema", f"hydra.run.dir={tmp_path}").returncode != 0
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskmerge import checkpoints
-from taskmerge.cache import content_key, read_json_entry, read_tensors_entry, write_json_entry, write_tensors_entry
+from taskmerge.cache import building, content_key, read_json_entry, read_tensors_entry, write_json_entry, write_tensors_entry
 from taskmerge.encoders.extract import extract_batches
 from taskmerge.tasks import Samples
 
@@ -65,11 +65,13 @@ def teacher_features(
                       dict(encoder_spec))
     path = Path(cache_dir) / "teacher" / f"{key[:32]}.safetensors"
     cached = read_tensors_entry(path)
-    if cached is not None:
-        return cached["features"]
-    features = extract_batches(load_encoder(checkpoint), samples.batches(batch_size), kind)
-    write_tensors_entry(path, {"features": features})
-    return features
+    if cached is None:
+        with building(path):  # ranks or jobs sharing the cache compute it once
+            cached = read_tensors_entry(path)
+            if cached is None:
+                cached = {"features": extract_batches(load_encoder(checkpoint), samples.batches(batch_size), kind)}
+                write_tensors_entry(path, cached)
+    return cached["features"]
 
 
 def compute_tap(

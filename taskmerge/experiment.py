@@ -23,7 +23,6 @@ from taskmerge.decoders import build_decoder
 from taskmerge.distributed import Distributed
 from taskmerge.selection import adamerging, evaluation, search
 from taskmerge.selection.evaluation import DecoderProtocol
-from taskmerge.selection.aggregate import POINTWISE
 from taskmerge.selection.tap import base_tap, compute_tap, teacher_features
 from taskmerge.settings import encoder_from_spec, get_setting
 from taskmerge.tasks import SPLITS, Samples, Task
@@ -435,14 +434,14 @@ def tap_of_base(pipeline: Pipeline) -> dict[str, float]:
 
 
 def _objective(row: Mapping[str, Any], selector: str, aggregate: str, base: Mapping[str, float]) -> float | None:
-    """What a search minimises: the candidate's aggregated TAP (mean TAP for the aggregations relative to the
-    candidate set, which validation refuses with an adaptive search), or minus mean normalized Eval for
-    selector=eval; None if it failed."""
+    """What a search minimises: the candidate's own TAP score (`search.tap_objective`; validation refuses the
+    set-relative aggregations with an adaptive search), or minus mean normalized Eval for selector=eval; None if it
+    failed."""
     if row.get("error"):
         return None
     if selector == "eval":
         return -row["eval"]["normalized"]
-    return search.tap_scores([row], aggregate if aggregate in POINTWISE else "mean", base)[0][1]
+    return search.tap_objective(row, aggregate, base)
 
 
 def _test_metrics(pipeline: Pipeline, merged: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -481,6 +480,7 @@ def _select_and_finalize(pipeline: Pipeline, selector: str, rows: list[dict[str,
         "selected_methods": {by: row["method"] for by, row in picks.items()},
         "final_by": final_by,
         "selected_tap": final_row["tap"],
+        "selected_tap_score": search.tap_objective(final_row, aggregate, base),
         "tap_aggregate": aggregate,
         "tap_base": base,
         "final": final.pop("metrics"),

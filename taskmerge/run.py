@@ -1,7 +1,8 @@
 """Entry point: `python -m taskmerge.run [overrides]` (Hydra). Checks the config, then runs the experiment.
 
-Each run returns the mean TAP of its selected candidate, so Hydra sweepers (e.g. Optuna) can minimise it. A
-bad option, value or file ends the run with one line naming it (exit status 2), before any work.
+Each run returns its selected candidate's own TAP score (`tap.aggregate` where it scores a candidate alone, else
+the mean TAP), so Hydra sweepers (e.g. Optuna) can minimise it. A bad option, value or file ends the run with
+one line naming it (exit status 2), before any work.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(cfg: DictConfig) -> float:
         selection = run_experiment(plain, run_dir, distributed)
         distributed.close()
     log.info("outputs in %s", run_dir)
-    return float(selection["selected_tap"]["mean"])
+    return float(selection["selected_tap_score"])
 
 
 if __name__ == "__main__":

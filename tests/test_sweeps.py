@@ -71,7 +71,7 @@ def test_killed_run_restarts_where_it_stopped(tmp_path, cache_dir):
     assert json.loads((run_dir / "selection.json").read_text())["agreement"]["n_candidates"] == 10
 
 
-def test_hydra_optuna_sweeper_minimises_mean_tap(tmp_path, cache_dir):
+def test_hydra_optuna_sweeper_minimises_the_candidates_tap_score(tmp_path, cache_dir):
     import yaml
 
     sweep = tmp_path / "optuna_sweep"
@@ -81,4 +81,4 @@ def test_hydra_optuna_sweeper_minimises_mean_tap(tmp_path, cache_dir):
     _python("-m", "taskmerge.select", str(sweep))
     selection = json.loads((sweep / "selection.json").read_text())
     assert selection["selected"]["tap"] == {"alpha": best["best_params"]["method.alpha"]}
-    assert selection["selected_tap"]["mean"] == best["best_value"]
+    assert selection["selected_tap_score"] == best["best_value"]

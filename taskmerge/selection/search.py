@@ -19,7 +19,7 @@ from scipy import stats
 
 from taskmerge.merging import get_method
 from taskmerge.selection import aggregate as aggregation
-from taskmerge.selection.aggregate import MEAN
+from taskmerge.selection.aggregate import MEAN, POINTWISE
 
 
 def grid_candidates(method: str, fixed: Mapping[str, Any], search: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -159,6 +159,12 @@ def tap_scores(rows: Sequence[Mapping[str, Any]], aggregate: str = MEAN,
     taken over exactly these rows."""
     scored = _valid(rows, "tap")
     return list(zip(scored, aggregation.aggregate(aggregate, [r["tap"] for r in scored], base)))
+
+
+def tap_objective(row: Mapping[str, Any], aggregate: str, base: Mapping[str, float] | None) -> float:
+    """One candidate's own TAP score, what an adaptive search or a Hydra sweeper minimises: its `aggregate` score
+    where that scores a candidate alone, else its mean TAP (the set-relative aggregations need every candidate)."""
+    return tap_scores([row], aggregate if aggregate in POINTWISE else MEAN, base)[0][1]
 
 
 def pick_by_tap(rows: Sequence[Mapping[str, Any]], aggregate: str = MEAN,

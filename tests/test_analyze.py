@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from dense_trees import write_dense_trees
 from taskmerge.analyze import analyze
 from taskmerge.config import register_configs, to_plain
-from taskmerge.settings.dense import demo_data
 from taskmerge.settings.dense.encoder import DenseViT
 from taskmerge.settings.dense.releases import export
 
@@ -26,10 +26,7 @@ SCALES = {"ade20k": 5.0, "nyud": 2.0, "bedlam": 58.0, "mapfree": 24.0}
 def dune_zoo(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dune_analyze")
     data = root / "data"
-    demo_data.write_ade20k_tree(data, 4, 2, 0)
-    demo_data.write_nyu_tree(data, 4, 2, 0)
-    demo_data.write_bedlam_tree(data, 2, 2, 0)
-    demo_data.write_mapfree_tree(data, 2, 0)
+    write_dense_trees(data, 4, 2, 2, 2)
     torch.manual_seed(0)
     base = DenseViT(**TINY).canonical_weights()
     paths = {"base": export(base, "dune", root / "base.pth")}

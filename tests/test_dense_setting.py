@@ -13,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from dense_trees import write_dense_trees
 from taskmerge.config import register_configs, to_plain
 from taskmerge.errors import UserError
 from taskmerge.experiment import run_experiment
-from taskmerge.settings.dense import demo_data
 from taskmerge.settings.dense.decoders import build_dense_decoder
 from taskmerge.settings.dense.encoder import CONFIGS, DenseViT
 from taskmerge.settings.dense.releases import export, load_canonical
@@ -42,10 +42,7 @@ def dune_release(tmp_path_factory) -> dict:
     """Generated data trees and a tiny base + four fine-tuned encoders saved as DUNE `{model, args, iter}` files."""
     root = tmp_path_factory.mktemp("dune")
     data = root / "data"
-    demo_data.write_ade20k_tree(data, 10, 4, 0)
-    demo_data.write_nyu_tree(data, 10, 4, 0)
-    demo_data.write_bedlam_tree(data, 6, 2, 0)
-    demo_data.write_mapfree_tree(data, 5, 0)
+    write_dense_trees(data, 10, 4, 6, 5)
     torch.manual_seed(0)
     base = DenseViT(**TINY).canonical_weights()
     paths = {"base": export(base, "dune", root / "base.pth")}
@@ -197,10 +194,7 @@ def test_paper_recipes_compose_sweep_and_name_their_files(recipe, encoder, jobs,
     from taskmerge.settings.dense.setting import check_inputs
 
     data = tmp_path / "data"
-    demo_data.write_ade20k_tree(data, 2, 1, 0)
-    demo_data.write_nyu_tree(data, 2, 1, 0)
-    demo_data.write_bedlam_tree(data, 2, 1, 0)
-    demo_data.write_mapfree_tree(data, 2, 0)
+    write_dense_trees(data, 2, 1, 2, 2)
     overrides = [f"experiment={recipe}", f"paths.checkpoints={tmp_path}", f"paths.data={data}",
                  *[f"+tasks.external.{n}.command='run {{encoder}} {{out_dir}}'" for n in ("bedlam", "mapfree")]]
     register_configs()

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from taskmerge import checkpoints
+from taskmerge import checkpoints, threads
 
 T = TypeVar("T")
 CHECKSUM_SUFFIX = ".sha256"
@@ -194,12 +194,17 @@ def building(path: str | Path) -> Iterator[None]:
     """Hold the build lock of cache entry `path` (blocking): processes on this machine that share a cache build an
     entry once, the others wait, then find it built. Re-check the entry inside the block. Locks live in the system's
     temporary folder, one per entry path, so the cache holds only entries; the OS drops a dead holder's lock.
-    Processes on other machines are not excluded: they may build the same entry, and the atomic rename keeps one."""
+    Processes on other machines are not excluded: they may build the same entry, and the atomic rename keeps one.
+    A process that has to wait leaves the thread registry meanwhile, so the builder runs on every core."""
     folder = Path(tempfile.gettempdir()) / "taskmerge-locks"
     folder.mkdir(exist_ok=True)
     name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
     with open(folder / f"{name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with threads.waiting():
+                fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

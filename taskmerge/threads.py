@@ -4,17 +4,20 @@ or submitit_local multiruns, two runs started by hand) do not each run one threa
 
 Runs find each other through a machine-wide registry of process files, `<tmp>/taskmerge-running/<host>-<pid>` (the
 system's temporary folder, node-local on clusters; files of dead processes are removed). A run re-sizes its threads at every stage (`rebalance`), so one started
-alone shrinks when a second one starts. `threads=N` (or an exported OMP_NUM_THREADS) fixes the count instead.
+alone shrinks when a second one starts; a run blocked on another's cache build steps out of the registry (`waiting`),
+so the builder gets the cores. `threads=N` (or an exported OMP_NUM_THREADS) fixes the count instead.
 Forward passes (TAP) give the same bits at any thread count; training (zoo, decoders) does only at a fixed one.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -87,3 +90,19 @@ def rebalance() -> int:
     if wanted != torch.get_num_threads():
         torch.set_num_threads(wanted)
     return wanted
+
+
+@contextlib.contextmanager
+def waiting() -> Iterator[None]:
+    """Leave the registry while this run only waits (e.g. on another run's cache build), so the runs at work share
+    the cores without it; re-register and re-size on the way out."""
+    entry = _state.get("entry")
+    if not isinstance(entry, Path):
+        yield
+        return
+    entry.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        entry.touch()
+        rebalance()

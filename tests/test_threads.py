@@ -39,3 +39,34 @@ def test_a_fixed_count_wins(registry, monkeypatch):
     assert threads.configure(3) == 3 and threads.rebalance() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert threads.configure(None) == 1 and torch.get_num_threads() == 1
+
+
+def test_a_run_waiting_on_another_runs_cache_build_leaves_the_share_to_the_builder(registry, tmp_path):
+    import threading
+    import time
+
+    from taskmerge import cache
+
+    host = socket.gethostname()
+    (registry / f"{host}-{os.getppid()}").touch()  # the builder (alive)
+    assert threads.configure(None) == 2
+    entry = registry / f"{host}-{os.getpid()}"
+    started, inside, runs_seen_by_builder = threading.Event(), threading.Event(), []
+
+    def builder_holds_the_lock():
+        with cache.building(tmp_path / "zoo" / "piece"):
+            started.set()
+            deadline = time.monotonic() + 5
+            while entry.exists() and time.monotonic() < deadline:  # until the waiting run steps out of the registry
+                time.sleep(0.01)
+            runs_seen_by_builder.append(threads.live_runs())
+
+    holder = threading.Thread(target=builder_holds_the_lock)
+    holder.start()
+    started.wait(5)
+    with cache.building(tmp_path / "zoo" / "piece"):
+        inside.set()
+        assert entry.exists() and torch.get_num_threads() == 2  # back in the registry, share re-sized
+    holder.join(5)
+    assert runs_seen_by_builder == [1]  # while the other waited, the builder was alone: its share is every core
+    assert inside.is_set() and not holder.is_alive()

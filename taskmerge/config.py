@@ -85,8 +85,8 @@ class OptunaSearchConfig:
     study_name: Optional[str] = None
 
 
-# Decoder re-training's schema: `DecoderProtocol` (the run supplies `seed`; features are extracted in batches of 256).
-DecoderConfig = schema_from(DecoderProtocol, "linear", drop=("seed", "feature_batch_size"))
+# Decoder re-training's schema: `DecoderProtocol` (the run supplies `seed`).
+DecoderConfig = schema_from(DecoderProtocol, "linear", drop=("seed",))
 
 
 @dataclass

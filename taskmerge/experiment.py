@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -64,6 +64,8 @@ class Setting:
     encoder_spec: dict[str, Any]
     device: torch.device
     merge_defaults: dict[str, Any] = field(default_factory=dict)
+    # the setting's rule for what merging leaves undecided (e.g. LiDAR's BatchNorm statistics), applied to every merge
+    post_merge: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     def new_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
         encoder = encoder_from_spec(self.encoder_spec)
@@ -100,6 +102,7 @@ class CandidateMerger:
     def __init__(self, method: str, setting: Setting, timer: StageTimer) -> None:
         self.method, self._timer = method, timer
         self._sources = (setting.zoo.base, [setting.zoo.finetuned[t.name] for t in setting.tasks])
+        self._post_merge = setting.post_merge
         known = merging.get_method(method).hparams if method in merging.available() else {}
         self._defaults = {k: v for k, v in setting.merge_defaults.items() if k in known}  # the setting's key rules
         self._fixed: dict[str, Any] | None = None
@@ -111,7 +114,8 @@ class CandidateMerger:
             with self._timer.stage("merge_prepare"):
                 self._prepared = merging.prepare(self.method, *self._sources, **fixed)
             self._fixed = fixed
-        return self._prepared.merge(**swept)
+        merged = self._prepared.merge(**swept)
+        return merged if self._post_merge is None else self._post_merge(merged)
 
 
 ADAMERGING = "adamerging"
@@ -151,8 +155,10 @@ def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distrib
         zoo = plugin.load_zoo(cfg)
         if distributed.is_main:
             distributed.barrier()
-    return Setting(tasks=plugin.build_tasks(cfg, zoo), zoo=zoo, encoder_spec=dict(cfg["encoder"]),
-                   device=resolve_device(cfg["device"]), merge_defaults=dict(plugin.MERGE_DEFAULTS))
+    tasks = plugin.build_tasks(cfg, zoo)
+    post_merge = plugin.post_merge(cfg, zoo, tasks) if hasattr(plugin, "post_merge") else None
+    return Setting(tasks=tasks, zoo=zoo, encoder_spec=dict(cfg["encoder"]), device=resolve_device(cfg["device"]),
+                   merge_defaults=dict(plugin.MERGE_DEFAULTS), post_merge=post_merge)
 
 
 def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache_dir: Path,

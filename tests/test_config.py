@@ -33,8 +33,9 @@ def test_default_config_is_the_builtin_ta_tap_run():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_group_option_composes(group, option):
-    # each encoder family composes with its own task sets (CLIP with clip8, DUNE/DINOv2 with dune4)
-    setting = ["tasks=clip8"] if option.startswith("clip_") else ["tasks=dune4"] if option.startswith(("dune_", "dinov2_")) else []
+    # each encoder family composes with its own task sets (CLIP with clip8, DUNE/DINOv2 with dune4, WaffleIron with lidar4)
+    families = {"clip_": "clip8", "dune_": "dune4", "dinov2_": "dune4", "waffleiron_": "lidar4"}
+    setting = [f"tasks={tasks}" for prefix, tasks in families.items() if option.startswith(prefix)]
     cfg = _compose([*setting, f"{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)
 

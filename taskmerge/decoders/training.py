@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -12,13 +12,14 @@ from tqdm.auto import tqdm
 from taskmerge import threads
 
 
-def warmup_cosine(step: int, total_steps: int, warmup: float) -> float:
-    """Learning-rate factor: linear warm-up over the first `warmup` fraction of steps, then cosine to 0."""
+def warmup_cosine(step: int, total_steps: int, warmup: float, floor: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up over the first `warmup` fraction of steps, then cosine down to `floor`
+    (0 here; ScaLR's probes end at 1e-5 / 1e-3)."""
     warmup_steps = int(warmup * total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train_module(
@@ -33,6 +34,7 @@ def train_module(
     weight_decay: float = 0.05,
     warmup: float = 0.1,
     desc: str | None = None,
+    floor: float = 0.0,
 ) -> list[float]:
     """Train `module` on `(inputs, targets)`; returns the mean loss of every epoch.
 
@@ -43,7 +45,7 @@ def train_module(
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total_steps = max(epochs * math.ceil(len(inputs) / batch_size), 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup, floor))
     module.train()
     history = []
     for _ in tqdm(range(epochs), desc=desc, disable=desc is None, leave=False):
@@ -71,3 +73,42 @@ def predict(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> t
     module.eval()
     device = next(module.parameters()).device
     return torch.cat([module(inputs[i : i + batch_size].to(device)).cpu() for i in range(0, len(inputs), batch_size)])
+
+
+class PairedBatches:
+    """Training data read per step: `read(index) -> (inputs, targets)` for a tensor of sample indices, offered as
+    the two indexable sides `train_module` asks for (`inputs[index]`, then `targets[index]`), read once per batch.
+    For data that does not fit in memory as one tensor (features per step, scans of varying sizes)."""
+
+    def __init__(self, read: Callable[[torch.Tensor], tuple[Any, Any]], length: int) -> None:
+        self.read, self.length = read, length
+        self._last: tuple[torch.Tensor, Any, Any] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _side(self, index: torch.Tensor, side: int) -> Any:
+        if self._last is None or not torch.equal(self._last[0], index):
+            self._last = (index.clone(), *self.read(index))
+        return self._last[1 + side]
+
+    @property
+    def inputs(self) -> _Side:
+        return _Side(self, 0)
+
+    @property
+    def targets(self) -> _Side:
+        return _Side(self, 1)
+
+
+class _Side:
+    """One side (inputs or targets) of `PairedBatches`, indexable like a tensor."""
+
+    def __init__(self, source: PairedBatches, side: int) -> None:
+        self.source, self.side = source, side
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: torch.Tensor) -> Any:
+        return self.source._side(index, self.side)

@@ -39,7 +39,7 @@ class DecoderProtocol:
     # task -> overrides of the fields above for that task's decoder (e.g. {nyud: {head: dpt, lr: 1.0e-4}})
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
-    feature_batch_size: int = count(256)
+    feature_batch_size: int = count(256)  # samples per forward pass of the frozen encoder (a few scans for LiDAR)
 
     def for_task(self, task: str) -> DecoderProtocol:
         """The protocol of `task`'s decoder: these fields with its `per_task` overrides."""

@@ -8,7 +8,8 @@ A setting module (`taskmerge/settings/<name>/setting.py`) exports:
 `create_encoder(family, **kwargs) -> nn.Module`, `read_weights(path) -> state dict` (one encoder file in any layout
 the setting reads, in the zoo's key space that the encoder's `encoder_weights` maps), `DECODER_HEADS` (task →
 the decoder heads a protocol may choose through `decoder.head`, default first), and `MERGE_DEFAULTS` (merge hyperparameters the setting
-supplies unless the user sets them, e.g. CLIP's `exclude`). Its schemas live in a light `schemas.py`
+supplies unless the user sets them, e.g. CLIP's `exclude`); optionally `post_merge(cfg, zoo, tasks)`, a rule applied to
+every merged state dict (None: none), for what merging leaves undecided (LiDAR's BatchNorm statistics). Its schemas live in a light `schemas.py`
 (`SCHEMAS`: (group, name) → dataclass) so composing a config imports no heavy dependency.
 """
 
@@ -22,8 +23,9 @@ from torch import nn
 
 from taskmerge.errors import UserError
 
-SETTINGS = {"builtin": "taskmerge.settings.builtin", "clip": "taskmerge.settings.clip", "dense": "taskmerge.settings.dense"}
-ENCODER_FAMILIES = {"builtin_vit": "builtin", "clip": "clip", "dense": "dense"}
+SETTINGS = {"builtin": "taskmerge.settings.builtin", "clip": "taskmerge.settings.clip", "dense": "taskmerge.settings.dense",
+            "lidar": "taskmerge.settings.lidar"}
+ENCODER_FAMILIES = {"builtin_vit": "builtin", "clip": "clip", "dense": "dense", "waffleiron": "lidar"}
 
 
 def get_setting(name: str) -> ModuleType:

@@ -56,9 +56,13 @@ class DatasetSplit:
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def take(self, indices: torch.Tensor) -> torch.Tensor:
-        """The images at `indices`, read and stacked."""
-        return torch.stack([self.dataset[int(i)][0] for i in indices])
+    def take(self, indices: torch.Tensor) -> Any:
+        """The inputs at `indices`, read and batched: by the split's `collate` where it has one (scans of varying
+        sizes), else stacked."""
+        items = [self.dataset[int(i)] for i in indices]
+        if self.collate is not None:
+            return self.collate(items)[0]
+        return torch.stack([item[0] for item in items])
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, targets) in order through a DataLoader with `num_workers` reader processes."""

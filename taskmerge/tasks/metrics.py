@@ -33,17 +33,26 @@ class Accuracy:
 
 
 class MeanIoU:
-    """Mean intersection-over-union in percent over classes present in prediction or target."""
+    """Mean intersection-over-union in percent over classes present in prediction or target (nanmean of the
+    per-class IoU of one confusion matrix); targets equal to `ignore_index` are left out. `output` holds logits
+    `[B, C, ...]` (pixels) or `[P, C]` (points)."""
 
     name, higher_is_better = "miou", True
 
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
+    def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        pred = output.argmax(1).flatten()
-        index = target.flatten() * self.num_classes + pred
+        self.update_labels(output.argmax(1), target)
+
+    def update_labels(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Accumulate predicted classes against targets of the same shape."""
+        pred, target = pred.flatten(), target.flatten()
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+            pred, target = pred[keep], target[keep]
+        index = target * self.num_classes + pred
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
 
     def compute(self) -> float:

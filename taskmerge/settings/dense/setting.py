@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from taskmerge import checkpoints
 from taskmerge.cache import content_key, read_tensors_entry, write_tensors_entry
-from taskmerge.decoders.training import predict, train_module
+from taskmerge.decoders.training import PairedBatches, predict, train_module
 from taskmerge.errors import UserError
 from taskmerge.settings.dense import datasets, external
 from taskmerge.settings.dense.decoders import FEATURE_SPECS, PackedInput, build_dense_decoder, dense_loss, pack_features
@@ -204,45 +204,6 @@ def feature_spec(decoder: str, depth: int) -> dict[str, Any]:
     return spec
 
 
-class _FeaturesPerStep:
-    """Train inputs and targets of a split too large to cache: each index batch is read from disk and run through
-    the frozen encoder when the training loop asks for it (`inputs[index]`, then `targets[index]`)."""
-
-    def __init__(self, encoder: DenseViT, split: DatasetSplit, spec: Mapping[str, Any]) -> None:
-        self.encoder, self.split, self.spec = encoder, split, spec
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def _read(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._last is None or not torch.equal(self._last[0], index):
-            images, targets = datasets.collate_dense([self.split.dataset[int(i)] for i in index])
-            self._last = (index, _pack(self.encoder, images, self.spec), targets)
-        return self._last[1], self._last[2]
-
-    @property
-    def inputs(self) -> "_Indexed":
-        return _Indexed(self, 0)
-
-    @property
-    def targets(self) -> "_Indexed":
-        return _Indexed(self, 1)
-
-
-class _Indexed:
-    """One side (inputs or targets) of `_FeaturesPerStep`, indexable like a tensor."""
-
-    def __init__(self, source: _FeaturesPerStep, side: int) -> None:
-        self.source, self.side = source, side
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        return self.source._read(index)[self.side]
-
-
 @torch.no_grad()
 def _pack(encoder: DenseViT, images: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
     """Packed intermediate features (`pack_features`, CPU float32) of one batch; the cls token always packed (a
@@ -257,7 +218,12 @@ def _training_data(encoder: DenseViT, split: DatasetSplit, spec: Mapping[str, An
     `FEATURE_CACHE_BYTES`, else computed per training step."""
     layers, (height, width) = len(spec["layers"]), encoder.grid_size
     if len(split) * layers * encoder.embed_dim * (height * width + 1) * 4 > FEATURE_CACHE_BYTES:
-        per_step = _FeaturesPerStep(encoder, split, spec)
+
+        def read(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            images, targets = datasets.collate_dense([split.dataset[int(i)] for i in index])
+            return _pack(encoder, images, spec), targets
+
+        per_step = PairedBatches(read, len(split))
         return per_step.inputs, per_step.targets
     features, targets = zip(*((_pack(encoder, images, spec), target) for images, target in split.batches(batch_size)))
     return torch.cat(features), torch.cat(targets)

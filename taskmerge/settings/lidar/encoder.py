@@ -15,7 +15,7 @@ every point its cell's value back as a residual.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +73,16 @@ class ScanBatch:
     cell_ind  `[B, P, N]` long: each point's flat cell index `row * W + col` on each of the P projections
     neighbors `[B, K+1, N]` long: kNN indices, row 0 the point itself (skipped by the embedding)
     valid     `[B, N]` bool: real points (the reference's `occupied_cells`)
+    probe     `[B, S]` long or None: the points whose tokens `features(batch, "tokens")` returns (TAP's fixed,
+              seeded point subset per scan, so teacher features stay small); None: every point
     """
 
     features: torch.Tensor
     cell_ind: torch.Tensor
     neighbors: torch.Tensor
     valid: torch.Tensor
+    probe: torch.Tensor | None = None
+    grids: tuple[tuple[int, int], ...] | None = None  # the grids `cell_ind` was computed for; None: the encoder's
 
     def __post_init__(self) -> None:
         batch, _, points = self.features.shape
@@ -86,6 +90,8 @@ class ScanBatch:
             if tensor.dim() != rank or tensor.shape[0] != batch or tensor.shape[-1] != points:
                 raise ValueError(f"ScanBatch.{name} has shape {tuple(tensor.shape)}; expected [{batch}, ..., {points}] "
                                  f"to match features {tuple(self.features.shape)}")
+        if self.probe is not None and (self.probe.dim() != 2 or self.probe.shape[0] != batch):
+            raise ValueError(f"ScanBatch.probe has shape {tuple(self.probe.shape)}; expected [{batch}, S]")
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -97,12 +103,14 @@ class ScanBatch:
     def to(self, device: torch.device | str) -> ScanBatch:
         """The same scans on `device` (indices stay long, the mask bool)."""
         return ScanBatch(self.features.to(device), self.cell_ind.to(device, torch.long),
-                         self.neighbors.to(device, torch.long), self.valid.to(device, torch.bool))
+                         self.neighbors.to(device, torch.long), self.valid.to(device, torch.bool),
+                         None if self.probe is None else self.probe.to(device, torch.long), self.grids)
 
     @classmethod
     def collate(cls, scans: Sequence[ScanBatch], num_points: int | None = None) -> ScanBatch:
         """Single scans (B = 1 each) zero-padded to the largest N (or `num_points`) as the reference pads them:
-        padded points are invalid, sit in cell 0 and take the last padded point as every neighbour."""
+        padded points are invalid, sit in cell 0 and take the last padded point as every neighbour. Probe subsets,
+        if the scans have them, must have one size."""
         sizes = [scan.features.shape[-1] for scan in scans]
         total = max(sizes) if num_points is None else num_points
         if total < max(sizes):
@@ -114,7 +122,13 @@ class ScanBatch:
                         F.pad(scan.cell_ind, (0, pad)),
                         F.pad(scan.neighbors, (0, pad), value=total - 1),
                         F.pad(scan.valid.bool(), (0, pad), value=False)))
-        return cls(*(torch.cat(parts) for parts in zip(*out)))
+        probes = [scan.probe for scan in scans]
+        if any(probe is None for probe in probes) and any(probe is not None for probe in probes):
+            raise ValueError("some scans have a probe subset and others not")
+        probe = None if probes[0] is None else torch.cat(probes)  # indices stay valid: padding goes at the end
+        if len({scan.grids for scan in scans}) > 1:
+            raise ValueError(f"scans prepared for different grids cannot share a batch: {sorted({str(s.grids) for s in scans})}")
+        return cls(*(torch.cat(parts) for parts in zip(*out)), probe=probe, grids=scans[0].grids)
 
 
 def _drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -180,10 +194,13 @@ class Projection:
 
     cells: torch.Tensor  # [B, N] long
     weight: torch.Tensor  # [B, N] float
+    grid: tuple[int, int]  # (H, W)
 
 
 class SpatialMix(nn.Module):
-    """tokens + LayerScale(dw3x3 -> act -> dw3x3 on the H x W grid of cell means of LN(tokens)), gathered back."""
+    """tokens + LayerScale(dw3x3 -> act -> dw3x3 on the H x W grid of cell means of LN(tokens)), gathered back.
+    `grid` is the configured one; a batch prepared for another extent (PandaSet's 512-grids) brings its own: the
+    weights do not depend on it."""
 
     def __init__(self, channels: int, grid: tuple[int, int], activation: Activation, drop_path: float) -> None:
         super().__init__()
@@ -202,7 +219,7 @@ class SpatialMix(nn.Module):
 
     def forward(self, tokens: torch.Tensor, projection: Projection) -> torch.Tensor:
         batch, _, channels = tokens.shape
-        height, width = self.grid
+        height, width = projection.grid
         index = projection.cells.unsqueeze(-1).expand(-1, -1, channels)  # [B, N, C]
         weighted = self.norm(tokens) * projection.weight.unsqueeze(-1).to(tokens.dtype)
         cells = tokens.new_zeros(batch, height * width, channels).scatter_add_(1, index, weighted)
@@ -222,25 +239,29 @@ class Backbone(nn.Module):
         self.spatial_mix = nn.ModuleList(
             [SpatialMix(channels, self.grids[d % len(self.grids)], activation, drop_path) for d in range(depth)])
 
-    def projections(self, cell_ind: torch.Tensor, valid: torch.Tensor) -> list[Projection]:
-        """Per grid: cell indices checked against the grid and each point's averaging weight."""
-        if cell_ind.shape[1] != len(self.grids):
-            raise ValueError(f"the batch has cell indices for {cell_ind.shape[1]} projections; the encoder has "
-                             f"{len(self.grids)} grids {self.grids}")
+    def projections(self, cell_ind: torch.Tensor, valid: torch.Tensor,
+                    grids: Sequence[tuple[int, int]] | None = None) -> list[Projection]:
+        """Per grid (the batch's `grids`, else the configured ones): cell indices checked against the grid and each
+        point's averaging weight."""
+        grids = self.grids if grids is None else [tuple(grid) for grid in grids]
+        if cell_ind.shape[1] != len(grids) or len(grids) != len(self.grids):
+            raise ValueError(f"the batch has cell indices for {cell_ind.shape[1]} projections on grids {grids}; the "
+                             f"encoder has {len(self.grids)} projections")
         out = []
         mask = valid.to(torch.float32)
-        for p, (height, width) in enumerate(self.grids):
+        for p, (height, width) in enumerate(grids):
             cells = cell_ind[:, p]
             if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= height * width):
                 raise ValueError(f"cell indices of projection {p} span [{int(cells.min())}, {int(cells.max())}], "
                                  f"outside the {height}x{width} grid: preprocessing and encoder disagree on the grids")
             count = torch.zeros(mask.shape[0], height * width, dtype=mask.dtype, device=mask.device)
             count.scatter_add_(1, cells, mask)
-            out.append(Projection(cells, mask / (torch.gather(count, 1, cells) + _COUNT_EPS)))
+            out.append(Projection(cells, mask / (torch.gather(count, 1, cells) + _COUNT_EPS), (int(height), int(width))))
         return out
 
-    def forward(self, tokens: torch.Tensor, cell_ind: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        projections = self.projections(cell_ind, valid)
+    def forward(self, tokens: torch.Tensor, cell_ind: torch.Tensor, valid: torch.Tensor,
+                grids: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        projections = self.projections(cell_ind, valid, grids)
         for d, (spatial, channel) in enumerate(zip(self.spatial_mix, self.channel_mix)):
             tokens = channel(spatial(tokens, projections[d % len(projections)]))
         return tokens
@@ -264,28 +285,59 @@ class WaffleIronEncoder(nn.Module):
         if batch.neighbors.shape[1] < 2:
             raise ValueError("the batch's neighbour indices hold only the point itself; at least one neighbour is needed")
         tokens = self.embed(batch.features, batch.neighbors).transpose(1, 2)
-        tokens = self.waffleiron(tokens, batch.cell_ind, batch.valid)
+        tokens = self.waffleiron(tokens, batch.cell_ind, batch.valid, batch.grids)
         return tokens * batch.valid.unsqueeze(-1).to(tokens.dtype)
 
     def features(self, batch: ScanBatch, kind: FeatureKind = "tokens") -> torch.Tensor:
-        """Backbone output per point `[B, N, D]` (`tokens`; padded points 0, `batch.valid` tells them apart) or
-        its mean over each scan's valid points `[B, D]` (`pooled`)."""
+        """Backbone output per point: `[B, S, D]` at the batch's probe points (`tokens` with `batch.probe`), `[B, N,
+        D]` at every point (`tokens` without; padded points 0, `batch.valid` tells them apart), or its mean over
+        each scan's valid points `[B, D]` (`pooled`)."""
         if kind not in ("pooled", "tokens"):
             raise ValueError(f"feature kind must be 'pooled' or 'tokens', got {kind!r}")
         tokens = self(batch)
         if kind == "tokens":
-            return tokens
+            if batch.probe is None:
+                return tokens
+            return torch.gather(tokens, 1, batch.probe.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         count = batch.valid.sum(1, keepdim=True).clamp(min=1).to(tokens.dtype)
         return tokens.sum(1) / count
 
     def encoder_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors this module loads strictly from a zoo state dict (Segmenter names): `embed.*` and
-        `waffleiron.*`; a `classif.*` head, if present, is left out."""
-        return {key: value for key, value in state_dict.items() if key.startswith(ENCODER_PREFIXES)}
+        `waffleiron.*`; a `classif.*` head, if present, is left out. BatchNorm running variances are clamped at 0
+        (BN adds its eps): a merge that extrapolates (α > 1, TIES' rescaling) can drive them negative."""
+        return {key: value.clamp_min(0.0) if key.endswith("running_var") else value
+                for key, value in state_dict.items() if key.startswith(ENCODER_PREFIXES)}
 
     def canonical_weights(self) -> dict[str, torch.Tensor]:
         """These weights in the zoo's key space (the inverse of `encoder_weights`): the state dict itself."""
         return {key: value.detach().clone() for key, value in self.state_dict().items()}
+
+
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_bn_statistic(key: str) -> bool:
+    """A BatchNorm running statistic (the embedding's three BatchNorms hold the only ones)."""
+    return key.rsplit(".", 1)[-1] in BN_STATISTICS
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(encoder: WaffleIronEncoder, scans: Iterable[ScanBatch]) -> None:
+    """Re-estimate every BatchNorm's running statistics as the plain average over `scans` (one scan per pass, so
+    no padded point counts), the rest of the encoder in eval mode."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    encoder.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+        norm.train()
+    device = next(encoder.parameters()).device
+    for scan in scans:
+        encoder(scan.to(device))
+    for norm in norms:
+        norm.momentum = 0.1
+        norm.eval()
 
 
 def encoder_config(name: str, **overrides: Any) -> WaffleIronConfig:

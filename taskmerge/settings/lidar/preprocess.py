@@ -102,5 +102,6 @@ def preprocess_scan(points: np.ndarray, prep: Preprocessing) -> PreparedScan:
         cell_ind=torch.from_numpy(cell_indices(pc[:, :3], prep).astype(np.int64))[None],
         neighbors=torch.from_numpy(np.ascontiguousarray(neighbors.T, dtype=np.int64))[None],
         valid=torch.ones(1, len(pc), dtype=torch.bool),
+        grids=tuple(tuple(int(v) for v in grid) for grid in prep.grids),
     )
     return PreparedScan(batch, kept, upsample.astype(np.int64))

@@ -1,0 +1,222 @@
+"""The LiDAR setting (WaffleIron pretrained by ScaLR: nuScenes, SemanticKITTI, Panda64, PandaGT) assembled from a
+config.
+
+ScaLR releases in any layout are read once into the Segmenter's encoder keys (`embed.*`, `waffleiron.*`) and cached
+as checksummed safetensors; merging happens there. Each task is evaluated by ScaLR's linear probe per point, trained
+on the frozen encoder's features of the train scans (validation = a held-out part of train, test = the dataset's
+val split, as the paper reports) and scored by mIoU on every original point. TAP compares per-point tokens at a
+fixed, seeded subset of each scan's points (`tasks.probe_points`). `tasks.builtin=true` generates the built-in LiDAR
+benchmark: synthetic scans in the four real layouts and a zoo trained on them (`builtin.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from taskmerge.cache import content_key, read_tensors_entry, write_tensors_entry
+from taskmerge.errors import UserError
+from taskmerge.settings.lidar import classes, datasets
+from taskmerge.settings import encoder_from_spec
+from taskmerge.settings.lidar.encoder import WaffleIronEncoder, encoder_config, is_bn_statistic, recalibrate_batchnorm
+from taskmerge.settings.lidar.preprocess import Preprocessing
+from taskmerge.settings.lidar.probe import PointLabels, score_probe, train_probe
+from taskmerge.settings.lidar.releases import check_architecture, read_release
+from taskmerge.settings.lidar.scans import PreparedScans, collate_scans
+from taskmerge.tasks import DatasetSplit, Task
+from taskmerge.tasks.metrics import MeanIoU
+from taskmerge.zoo import Zoo
+from taskmerge import checkpoints
+
+TASKS = ("nuscenes", "semantic_kitti", "panda64", "pandagt")
+MERGE_DEFAULTS: dict[str, Any] = {}
+DECODER_HEADS = {task: ("linear_probe",) for task in TASKS}  # ScaLR's BN1d + 1x1 conv per point
+RELEASE_CACHE_VERSION = 1
+PREPROCESSING_OVERRIDES = ("grids", "fov")
+
+
+def create_encoder(name: str, config: str = "waffleiron_768", **options: Any) -> nn.Module:
+    """A WaffleIron encoder with random weights: the named configuration with the non-null options replaced."""
+    return WaffleIronEncoder(encoder_config(config, **{k: v for k, v in options.items() if v is not None}))
+
+
+def _encoder_config(cfg: Mapping[str, Any]):
+    options = {k: v for k, v in cfg["encoder"].items() if k not in ("name", "config")}
+    return create_encoder("waffleiron", cfg["encoder"]["config"], **options).config
+
+
+def check_inputs(cfg: Mapping[str, Any]) -> None:
+    """Known task names and preprocessing overrides, then (real data) every data path and release file present,
+    all missing ones listed at once; before anything is read or trained."""
+    tasks_cfg, method = cfg["tasks"], cfg["method"]["name"]
+    names = list(tasks_cfg["names"])
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise UserError(f"tasks.names: unknown LiDAR task(s) {unknown}; expected names from {list(TASKS)}")
+    for task, override in tasks_cfg["preprocessing"].items():
+        if task not in TASKS or not isinstance(override, Mapping) or set(override) - set(PREPROCESSING_OVERRIDES):
+            raise UserError(f"tasks.preprocessing.{task}={override!r}: expected a task of {list(TASKS)} mapping to some "
+                            f"of {list(PREPROCESSING_OVERRIDES)}")
+    if method == "adamerging" and cfg["method"]["loss"] == "entropy":
+        raise UserError("method.loss=entropy needs frozen classification heads; the LiDAR tasks train a linear probe: "
+                        "use method.loss=tap (AdaMerging-TAP, the paper's Tab. 2 row)")
+    if any(n.startswith("panda") for n in names):
+        datasets.require_pandas()
+    if tasks_cfg["builtin"]:
+        return  # generated when the zoo is loaded
+    datasets.check_layout(names, _required(tasks_cfg, "data_location", "paths.data=DIR"))
+    files = {"tasks.base": tasks_cfg["base"], **{f"tasks.finetuned.{n}": tasks_cfg["finetuned"].get(n) for n in names}}
+    missing = [f"{option}={path}" for option, path in files.items()
+               if path is None or not _release_path(tasks_cfg, option, path).exists()]
+    if missing:
+        raise UserError("LiDAR release file(s) missing: " + "; ".join(missing) + " (ScaLR's pretrained model.pth, a "
+                        "fine-tuning or linear-probing ckpt_last.pth, a folder holding one, or safetensors)")
+
+
+def _required(tasks_cfg: Mapping[str, Any], key: str, how: str) -> Path:
+    if tasks_cfg[key] is None:
+        raise UserError(f"tasks.{key} is not set: pass {how}")
+    return Path(tasks_cfg[key]).expanduser()
+
+
+def _release_path(tasks_cfg: Mapping[str, Any], option: str, path: str) -> Path:
+    """A release option's path: as given when absolute, else under `tasks.checkpoints`."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    if tasks_cfg["checkpoints"] is None:
+        raise UserError(f"{option}={path} is a relative path but tasks.checkpoints is not set: pass paths.checkpoints=DIR "
+                        "(or export TASKMERGE_CHECKPOINTS_DIR), or give an absolute path")
+    return Path(tasks_cfg["checkpoints"]).expanduser() / given
+
+
+def _sources(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]:
+    """(base release, fine-tuned release per task, data root): configured, or generated for the built-in benchmark."""
+    tasks_cfg = cfg["tasks"]
+    if tasks_cfg["builtin"]:
+        from taskmerge.settings.lidar.builtin import build_benchmark
+
+        bench = build_benchmark(cfg["paths"]["cache_dir"], _encoder_config(cfg), tasks_cfg["synthetic"], cfg["seed"])
+        return bench.base, {n: bench.finetuned[n] for n in tasks_cfg["names"]}, bench.data_root
+    return (_release_path(tasks_cfg, "tasks.base", tasks_cfg["base"]),
+            {n: _release_path(tasks_cfg, f"tasks.finetuned.{n}", tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
+            _required(tasks_cfg, "data_location", "paths.data=DIR"))
+
+
+def load_zoo(cfg: Mapping[str, Any]) -> Zoo:
+    """Every release's encoder converted once to safetensors (cached by the source file's content) and checked
+    against the configured architecture."""
+    base, finetuned, _ = _sources(cfg)
+    folder = Path(cfg["paths"]["cache_dir"]) / "lidar_release"
+    config = _encoder_config(cfg)
+    converted = {name: _encoder_file(path, folder, config) for name, path in {"base": base, **finetuned}.items()}
+    zoo = Zoo(key="", base=converted["base"], finetuned={n: converted[n] for n in finetuned}, heads={})
+    return Zoo(key=content_key("lidar-zoo", zoo.fingerprints()), base=zoo.base, finetuned=zoo.finetuned, heads={})
+
+
+def _encoder_file(source: Path, folder: Path, config: Any) -> Path:
+    """The encoder of a release as safetensors, converted on first use (keyed by the file's SHA-256)."""
+    release = read_release(source)
+    path = folder / f"{content_key(RELEASE_CACHE_VERSION, checkpoints.fingerprint(release.path))[:32]}.safetensors"
+    check_architecture(release.encoder, config, release.path)
+    if read_tensors_entry(path) is None:
+        write_tensors_entry(path, release.encoder)
+    return path
+
+
+def preprocessing(cfg: Mapping[str, Any], task: str) -> Preprocessing:
+    """Task `task`'s preprocessing: the encoder's voxels, grids, FOV and neighbours with the dataset's intensity
+    constants, grids and FOV replaced where `tasks.preprocessing.<task>` says (PandaSet's larger extent)."""
+    mean, std = classes.INTENSITY[task]
+    prep = Preprocessing.for_encoder(_encoder_config(cfg), mean, std)
+    override = cfg["tasks"]["preprocessing"].get(task) or {}
+    tupled = {k: tuple(tuple(v) for v in value) for k, value in override.items()}
+    return replace(prep, **tupled)
+
+
+def build_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
+    """The configured LiDAR tasks: splits of prepared scans, the mIoU metric and the linear-probe evaluator."""
+    _, _, root = _sources(cfg)
+    return [_build_task(cfg, name, root) for name in cfg["tasks"]["names"]]
+
+
+def _build_task(cfg: Mapping[str, Any], name: str, root: Path) -> Task:
+    tasks_cfg = cfg["tasks"]
+    prep = preprocessing(cfg, name)
+    train_all = PreparedScans(datasets.open_split(name, root, "train"), prep, tasks_cfg["probe_points"], cfg["seed"])
+    test = PreparedScans(datasets.open_split(name, root, "val"), prep, tasks_cfg["probe_points"], cfg["seed"])
+    kept, held_out = _holdout(len(train_all), tasks_cfg["val_fraction"])
+    train_cap, eval_cap = tasks_cfg["max_train_scans"], tasks_cfg["max_eval_scans"]
+    parts = {"train": (train_all, kept[:train_cap]), "val": (train_all, held_out[:eval_cap]),
+             "test": (test, list(range(len(test)))[:eval_cap])}
+    splits = {split: DatasetSplit(Subset(dataset, indices), {**dataset.description(), "indices": indices},
+                                  tasks_cfg["num_workers"], collate=collate_scans)
+              for split, (dataset, indices) in parts.items()}
+    count = classes.num_classes(name)
+    metric_factory: Callable[[], MeanIoU] = lambda: MeanIoU(count, ignore_index=classes.IGNORE_INDEX)
+    return Task(name, "segmentation", count, splits, metric_factory, evaluator=_probe_evaluator(name, count, splits))
+
+
+def _holdout(length: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(kept, held out) train indices: every k-th scan held out (whole sequences stay mostly together in time)."""
+    step = max(round(1 / fraction), 2)
+    held = set(range(step - 1, length, step))
+    return [i for i in range(length) if i not in held], sorted(held)
+
+
+@torch.no_grad()
+def scan_features(encoder: WaffleIronEncoder, split: DatasetSplit, batch_size: int) -> Iterator[tuple[torch.Tensor, PointLabels]]:
+    """(features `[M, C]` of a scan's kept points, its labels) for every scan of `split`, in order."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    for batch, targets in split.batches(batch_size):
+        tokens = encoder.features(replace(batch, probe=None).to(device), "tokens").float().cpu()
+        for row, target in enumerate(targets):
+            yield tokens[row, : len(target.kept)], target
+
+
+def _probe_evaluator(name: str, count: int, splits: Mapping[str, DatasetSplit]) -> Callable[..., dict[str, float]]:
+    """Eval of a LiDAR task: a linear probe trained on the frozen encoder's features of the protocol's train scans,
+    then its mIoU on each split asked for."""
+
+    def evaluate(encoder: WaffleIronEncoder, wanted: tuple[str, ...], protocol: Any) -> dict[str, float]:
+        train = list(scan_features(encoder, protocol.training_split(splits["train"]), protocol.feature_batch_size))
+        head = train_probe([f for f, _ in train], [t.kept_labels for _, t in train], count, protocol.epochs, protocol.lr,
+                           protocol.batch_size, protocol.weight_decay, protocol.seed, desc=f"{name} linear probe")
+        return {split: score_probe(head, scan_features(encoder, splits[split], protocol.feature_batch_size), count)
+                for split in wanted}
+
+    return evaluate
+
+
+def post_merge(cfg: Mapping[str, Any], zoo: Zoo, tasks: list[Task]) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    """The BatchNorm statistics policy (`tasks.bn_stats`; spec lidar §9 Q3): `merge` leaves them merged like weights
+    (the encoder clamps a negative variance at 0), `keep_base` puts the base's back, `recalibrate` re-estimates them
+    on TAP's unlabeled scans, one plain average per merged encoder."""
+    policy = cfg["tasks"]["bn_stats"]
+    if policy == "merge":
+        return None
+    base = {key: value for key, value in checkpoints.load_state_dict(zoo.base).items() if is_bn_statistic(key)}
+    if policy == "keep_base":
+        return lambda merged: {**merged, **base}
+    tap_cfg = cfg["tap"]
+    samples = [task.unlabeled(min(tap_cfg["n_samples"], len(task.splits["train"])), tap_cfg["seed"]) for task in tasks]
+    spec = dict(cfg["encoder"])
+
+    def recalibrate(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoder = encoder_from_spec(spec)
+        encoder.load_state_dict(encoder.encoder_weights(merged))
+        recalibrate_batchnorm(encoder, (scan for sample in samples for scan in sample.batches(1)))
+        return {**merged, **{k: v for k, v in encoder.state_dict().items() if is_bn_statistic(k)}}
+
+    return recalibrate
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The encoder of any ScaLR release layout (or safetensors) in the Segmenter's keys."""
+    return read_release(path).encoder

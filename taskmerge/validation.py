@@ -87,14 +87,15 @@ def check_run(cfg: Mapping[str, Any]) -> None:
 
 
 def check_decoder_protocol(cfg: Mapping[str, Any]) -> None:
-    """`decoder.per_task` names configured tasks and protocol fields with valid values; every task's head (global or
-    its own) is one its setting offers (`DECODER_HEADS`)."""
+    """`decoder.per_task` names tasks of the setting (a protocol may cover tasks a subset leaves out) and protocol
+    fields with valid values; every task's head (global or its own) is one its setting offers (`DECODER_HEADS`)."""
     decoder, names = cfg["decoder"], list(cfg["tasks"]["names"])
     if "per_task" not in decoder:
         return  # a protocol that trains nothing (frozen heads)
+    offered = get_setting(cfg["tasks"]["setting"]).DECODER_HEADS
     protocol_fields = {f.name: f for f in dataclasses.fields(DecoderProtocol) if f.name not in ("per_task", "seed")}
     for task, overrides in decoder["per_task"].items():
-        if task not in names:
+        if task not in names and task not in offered:
             raise UserError(f"decoder.per_task.{task}: {task!r} is not in tasks.names={names}")
         for key, value in overrides.items():
             option = f"decoder.per_task.{task}.{key}"
@@ -103,7 +104,6 @@ def check_decoder_protocol(cfg: Mapping[str, Any]) -> None:
             check = protocol_fields[key].metadata.get("check")
             if check is not None and not check.check(value):
                 raise UserError(f"{option}={value!r} is invalid; expected {check.expected}")
-    offered = get_setting(cfg["tasks"]["setting"]).DECODER_HEADS
     for task in names:
         head = decoder["per_task"].get(task, {}).get("head", decoder["head"])
         if head is not None and head not in offered.get(task, ()):

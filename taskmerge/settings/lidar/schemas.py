@@ -28,10 +28,10 @@ class WaffleIronEncoderConfig:
 class SyntheticRecipeConfig:
     """How `tasks=lidar_builtin` generates its data and trains its zoo (see `settings/lidar/builtin.py`)."""
 
-    train_scans: int = count(96)
-    val_scans: int = count(24)  # the readers' val split: the test split here (val is held out of train)
-    pretrain_epochs: int = count(12)
-    finetune_epochs: int = count(12)
+    train_scans: int = count(48)
+    val_scans: int = count(16)  # the readers' val split: the test split here (val is held out of train)
+    pretrain_epochs: int = count(8)
+    finetune_epochs: int = count(10)
     lr: float = positive(2e-3)
     batch_size: int = count(8)
 

@@ -69,13 +69,19 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         datasets.require_pandas()
     if tasks_cfg["builtin"]:
         return  # generated when the zoo is loaded
-    datasets.check_layout(names, _required(tasks_cfg, "data_location", "paths.data=DIR"))
+    problems = []
+    try:
+        datasets.check_layout(names, _required(tasks_cfg, "data_location", "paths.data=DIR"))
+    except UserError as error:
+        problems.append(str(error))
     files = {"tasks.base": tasks_cfg["base"], **{f"tasks.finetuned.{n}": tasks_cfg["finetuned"].get(n) for n in names}}
     missing = [f"{option}={path}" for option, path in files.items()
                if path is None or not _release_path(tasks_cfg, option, path).exists()]
     if missing:
-        raise UserError("LiDAR release file(s) missing: " + "; ".join(missing) + " (ScaLR's pretrained model.pth, a "
+        problems.append("LiDAR release file(s) missing: " + "; ".join(missing) + " (ScaLR's pretrained model.pth, a "
                         "fine-tuning or linear-probing ckpt_last.pth, a folder holding one, or safetensors)")
+    if problems:
+        raise UserError("\n".join(problems))
 
 
 def _required(tasks_cfg: Mapping[str, Any], key: str, how: str) -> Path:

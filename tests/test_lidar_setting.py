@@ -126,3 +126,25 @@ def test_lidar4_checks_every_input_before_any_work(tmp_path):
         check_run(_compose("tasks=lidar4", "+tasks.preprocessing.nuscenes.voxel_size=0.2", "logger=none"))
     with pytest.raises(UserError, match="method.loss=entropy"):
         check_run(_compose("tasks=lidar4", "method=adamerging", "method.loss=entropy", "logger=none"))
+
+
+@pytest.mark.parametrize("recipe, selector, jobs", [("lidar_table2", "tap", 6), ("lidar_table7", "both", 3)])
+def test_paper_recipes_compose_sweep_and_name_the_scalr_files(recipe, selector, jobs, tmp_path):
+    """Tab. 2 / Tab. 7: ScaLR's release paths under paths.checkpoints, the linear probe, the selector, the sweep."""
+    import math as _math
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_module(config_module="taskmerge.configs", version_base="1.3"):
+        raw = compose(config_name="config", overrides=[f"experiment={recipe}", f"paths.checkpoints={tmp_path}",
+                                                       f"paths.data={tmp_path}"], return_hydra_config=True)
+    cfg = to_plain(OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]))
+    assert cfg["decoder"]["name"] == "lidar_linprob" and cfg["decoder"]["per_task"]["pandagt"]["epochs"] == 50
+    assert cfg["selector"]["name"] == selector and cfg["encoder"]["config"] == "waffleiron_768"
+    assert cfg["tap"]["features"] == "tokens" and cfg["tasks"]["probe_points"] == 2048
+    sweep = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in raw.hydra.sweeper.params.items()])
+    assert _math.prod(len(list(o.sweep_iterator())) for o in sweep) == jobs
+    with pytest.raises(UserError, match=r"tasks.base=WI_768-DINOv2_ViT_L_14-NS_KI_PD/pretraining/model.pth"):
+        lidar.check_inputs(cfg)

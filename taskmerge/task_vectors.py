@@ -29,6 +29,7 @@ CHUNK = 1 << 20  # elements of one key read at a time per model
 _EMBEDDING_PART = re.compile(r"embed|token|^conv1$|^stem$|^(?:ln|norm)_pre$|^pre_(?:ln|norm)$")
 _BLOCK = re.compile(r"^(?:(.*)\.)?(\d+)$")
 _PARAM_SUFFIX = re.compile(r"\.(weight|bias)$")
+DATA_STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers, left out of the statistics
 
 
 def natural_key(name: str) -> list:
@@ -111,7 +112,8 @@ def _flat_slice(state: Mapping[str, torch.Tensor], key: str, start: int, stop: i
 
 def task_vector_stats(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                       tasks: Sequence[str], chunk: int = CHUNK) -> TaskVectorStats:
-    """Statistics of τ_t = θ_t − θ0 over the floating-point keys of `pretrained`; the mappings may be lazy
+    """Statistics of τ_t = θ_t − θ0 over the floating-point keys of `pretrained` except BatchNorm running statistics
+    (statistics of each task's data, not trained weights: they would dominate the norms); the mappings may be lazy
     (read slice by slice). A fine-tuned model missing a key or with another shape is an error naming both."""
     if len(finetuned) != len(tasks):
         raise ValueError(f"{len(finetuned)} fine-tuned models but {len(tasks)} task names")
@@ -120,7 +122,7 @@ def task_vector_stats(pretrained: Mapping[str, torch.Tensor], finetuned: Sequenc
     squared: dict[str, torch.Tensor] = {}
     for key in pretrained:
         shape, dtype = _shape_dtype(pretrained, key)
-        if not dtype.is_floating_point:
+        if not dtype.is_floating_point or key.rsplit(".", 1)[-1] in DATA_STATISTICS:
             continue
         for task, model in zip(tasks, finetuned):
             if key not in model:

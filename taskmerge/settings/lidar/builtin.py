@@ -30,7 +30,7 @@ from taskmerge.settings.lidar import classes, datasets, layouts, synthetic
 from taskmerge.settings.lidar.encoder import ScanBatch, WaffleIronConfig, WaffleIronEncoder
 from taskmerge.settings.lidar.preprocess import Preprocessing
 from taskmerge.settings.lidar.probe import PointHead, probe_loss
-from taskmerge.settings.lidar.scans import PreparedScans, collate_scans
+from taskmerge.settings.lidar.scans import PreparedScans, collate_scans, holdout
 
 BENCH_VERSION = 1
 TASKS = ("nuscenes", "semantic_kitti", "panda64", "pandagt")
@@ -71,17 +71,19 @@ def raw_ids(dataset: str) -> np.ndarray:
     return np.array([by_name[RAW_CLASS_NAMES[family][c]] for c in synthetic.SCENE_CLASSES], dtype=np.int64)
 
 
-def build_benchmark(cache_dir: str | Path, config: WaffleIronConfig, recipe: Mapping[str, Any], seed: int) -> Benchmark:
+def build_benchmark(cache_dir: str | Path, config: WaffleIronConfig, recipe: Mapping[str, Any], val_fraction: float,
+                    seed: int) -> Benchmark:
     """The benchmark for this architecture, recipe and seed: read from the cache, or generated and trained first
-    (under a build lock, in a temporary folder renamed into place when complete)."""
+    (under a build lock, in a temporary folder renamed into place when complete). The fine-tunes train on the scans
+    the setting keeps for training (`holdout(…, val_fraction)`), so its validation scans stay unseen."""
     sources = [Path(module.__file__).read_text() for module in (synthetic, layouts, datasets, classes)]
     sources.append(Path(__file__).read_text())
-    key = content_key("lidar-builtin", BENCH_VERSION, asdict(config), dict(recipe), seed, sources)
+    key = content_key("lidar-builtin", BENCH_VERSION, asdict(config), dict(recipe), val_fraction, seed, sources)
     root = Path(cache_dir) / "lidar_builtin" / key[:24]
     if not (root / "complete.json").is_file():
         with building(root):
             if not (root / "complete.json").is_file():
-                _build(root, config, recipe, seed)
+                _build(root, config, recipe, val_fraction, seed)
     return _benchmark_at(root)
 
 
@@ -90,7 +92,7 @@ def _benchmark_at(root: Path) -> Benchmark:
                      {task: root / "releases" / "finetuning" / task / "ckpt_last.pth" for task in TASKS})
 
 
-def _build(root: Path, config: WaffleIronConfig, recipe: Mapping[str, Any], seed: int) -> None:
+def _build(root: Path, config: WaffleIronConfig, recipe: Mapping[str, Any], val_fraction: float, seed: int) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
@@ -108,7 +110,8 @@ def _build(root: Path, config: WaffleIronConfig, recipe: Mapping[str, Any], seed
             encoder = WaffleIronEncoder(config)
             encoder.load_state_dict(base.state_dict())
             head = PointHead(config.channels, classes.num_classes(task))
-            optim = _finetune(encoder, head, train[task], recipe, seed + 1 + index, task)
+            kept, _ = holdout(len(train[task]), val_fraction)
+            optim = _finetune(encoder, head, [train[task][i] for i in kept], recipe, seed + 1 + index, task)
             _save_finetuned(bench.finetuned[task], encoder, head, optim, recipe["finetune_epochs"])
         (work / "complete.json").write_text(json.dumps({"recipe": dict(recipe), "seed": seed, "config": asdict(config)}))
         if root.exists():
@@ -204,10 +207,9 @@ def _pretrain(encoder: WaffleIronEncoder, distill: nn.Conv1d, train: Sequence[Pr
                         recipe["lr"], recipe["batch_size"], seed, weight_decay=0.01, desc="LiDAR base pretraining")
 
 
-def _finetune(encoder: WaffleIronEncoder, head: PointHead, train: PreparedScans, recipe: Mapping[str, Any], seed: int,
-              task: str) -> dict[str, Any]:
+def _finetune(encoder: WaffleIronEncoder, head: PointHead, scans: Sequence[tuple[ScanBatch, Any]], recipe: Mapping[str, Any],
+              seed: int, task: str) -> dict[str, Any]:
     """End-to-end fine-tuning on one sensor's labelled scans (CE + Lovász-softmax); the optimiser's settings."""
-    scans = [train[i] for i in range(len(train))]
     data = _batches(scans, [labels.kept_labels for _, labels in scans])
     train_module(_PointModel(encoder, head), data.inputs, data.targets, probe_loss, recipe["finetune_epochs"],
                  recipe["lr"], recipe["batch_size"], seed, weight_decay=0.003, desc=f"LiDAR fine-tuning on {task}")

@@ -33,6 +33,13 @@ class ScanReader(Protocol):
     def description(self) -> dict[str, Any]: ...
 
 
+def holdout(length: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(kept, held out) indices of a train split: every k-th scan held out as validation (k = 1 / fraction)."""
+    step = max(round(1 / fraction), 2)
+    held = set(range(step - 1, length, step))
+    return [i for i in range(length) if i not in held], sorted(held)
+
+
 def probe_indices(kept: int, size: int, seed: int, scan: int) -> np.ndarray:
     """`size` of a scan's `kept` points drawn with a seed of (seed, scan): without replacement when it has that
     many, else every point then a seeded draw of the rest with replacement (an unbiased per-point mean either way)."""

@@ -30,10 +30,10 @@ class SyntheticRecipeConfig:
 
     train_scans: int = count(48)
     val_scans: int = count(16)  # the readers' val split: the test split here (val is held out of train)
-    pretrain_epochs: int = count(8)
-    finetune_epochs: int = count(10)
-    lr: float = positive(2e-3)
-    batch_size: int = count(8)
+    pretrain_epochs: int = count(6)
+    finetune_epochs: int = count(20)
+    lr: float = positive(3e-3)
+    batch_size: int = count(4)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from taskmerge.settings.lidar.encoder import WaffleIronEncoder, encoder_config, 
 from taskmerge.settings.lidar.preprocess import Preprocessing
 from taskmerge.settings.lidar.probe import PointLabels, score_probe, train_probe
 from taskmerge.settings.lidar.releases import check_architecture, read_release
-from taskmerge.settings.lidar.scans import PreparedScans, collate_scans
+from taskmerge.settings.lidar.scans import PreparedScans, collate_scans, holdout
 from taskmerge.tasks import DatasetSplit, Task
 from taskmerge.tasks.metrics import MeanIoU
 from taskmerge.zoo import Zoo
@@ -107,7 +107,8 @@ def _sources(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]:
     if tasks_cfg["builtin"]:
         from taskmerge.settings.lidar.builtin import build_benchmark
 
-        bench = build_benchmark(cfg["paths"]["cache_dir"], _encoder_config(cfg), tasks_cfg["synthetic"], cfg["seed"])
+        bench = build_benchmark(cfg["paths"]["cache_dir"], _encoder_config(cfg), tasks_cfg["synthetic"], tasks_cfg["val_fraction"],
+                                cfg["seed"])
         return bench.base, {n: bench.finetuned[n] for n in tasks_cfg["names"]}, bench.data_root
     return (_release_path(tasks_cfg, "tasks.base", tasks_cfg["base"]),
             {n: _release_path(tasks_cfg, f"tasks.finetuned.{n}", tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
@@ -156,7 +157,7 @@ def _build_task(cfg: Mapping[str, Any], name: str, root: Path) -> Task:
     prep = preprocessing(cfg, name)
     train_all = PreparedScans(datasets.open_split(name, root, "train"), prep, tasks_cfg["probe_points"], cfg["seed"])
     test = PreparedScans(datasets.open_split(name, root, "val"), prep, tasks_cfg["probe_points"], cfg["seed"])
-    kept, held_out = _holdout(len(train_all), tasks_cfg["val_fraction"])
+    kept, held_out = holdout(len(train_all), tasks_cfg["val_fraction"])
     train_cap, eval_cap = tasks_cfg["max_train_scans"], tasks_cfg["max_eval_scans"]
     parts = {"train": (train_all, kept[:train_cap]), "val": (train_all, held_out[:eval_cap]),
              "test": (test, list(range(len(test)))[:eval_cap])}
@@ -166,13 +167,6 @@ def _build_task(cfg: Mapping[str, Any], name: str, root: Path) -> Task:
     count = classes.num_classes(name)
     metric_factory: Callable[[], MeanIoU] = lambda: MeanIoU(count, ignore_index=classes.IGNORE_INDEX)
     return Task(name, "segmentation", count, splits, metric_factory, evaluator=_probe_evaluator(name, count, splits))
-
-
-def _holdout(length: int, fraction: float) -> tuple[list[int], list[int]]:
-    """(kept, held out) train indices: every k-th scan held out (whole sequences stay mostly together in time)."""
-    step = max(round(1 / fraction), 2)
-    held = set(range(step - 1, length, step))
-    return [i for i in range(length) if i not in held], sorted(held)
 
 
 @torch.no_grad()

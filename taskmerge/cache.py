@@ -12,6 +12,7 @@ memoised per process, so each file is hashed at most once per process (the zoo's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -49,12 +50,14 @@ def _feed(digest: "hashlib._Hash", value: Any) -> None:
         digest.update(f"list:{len(value)}:".encode())
         for item in value:
             _feed(digest, item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. a batch of LiDAR scans
+        _feed(digest, {"dataclass": type(value).__name__, **{f.name: getattr(value, f.name) for f in dataclasses.fields(value)}})
     else:
         digest.update(json.dumps(value).encode() + b";")
 
 
 def content_key(*parts: Any) -> str:
-    """Hex SHA-256 of `parts` (nested dicts, lists, JSON scalars and tensors)."""
+    """Hex SHA-256 of `parts` (nested dicts, lists, dataclasses, JSON scalars and tensors)."""
     digest = hashlib.sha256()
     for part in parts:
         _feed(digest, part)

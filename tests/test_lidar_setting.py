@@ -148,3 +148,14 @@ def test_paper_recipes_compose_sweep_and_name_the_scalr_files(recipe, selector, 
     assert _math.prod(len(list(o.sweep_iterator())) for o in sweep) == jobs
     with pytest.raises(UserError, match=r"tasks.base=WI_768-DINOv2_ViT_L_14-NS_KI_PD/pretraining/model.pth"):
         lidar.check_inputs(cfg)
+
+
+def test_adamerging_tap_learns_on_scans_with_batchnorm_statistics(cache, tmp_path):
+    """AdaMerging-TAP (Tab. 2's row) on LiDAR: λ learned through the scans' probe tokens; the embedding's BatchNorm
+    statistics are merged with λ but carry no gradient (torch refuses one)."""
+    cfg = _small(cache, "method=adamerging", "method.iterations=2", "method.batch_size=2", "method.n_images=4",
+                 "save_merged=true")
+    selection = run_experiment(cfg, tmp_path / "run")
+    merged = load_state_dict(tmp_path / "run" / "merged_encoder.safetensors")
+    assert "embed.norm.running_var" in merged and bool((merged["embed.norm.running_var"] >= 0).all())
+    assert math.isfinite(selection["final"]["normalized"])

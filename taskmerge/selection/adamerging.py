@@ -131,11 +131,14 @@ def learn(
     teacher_norms = [EMANorm(config.ema_momentum) for _ in range(num_tasks)]
     generator = torch.Generator().manual_seed(config.seed)
 
+    buffers = {name for name, _ in encoder.named_buffers()}  # BatchNorm statistics: merged with λ, no gradient through them
+
     def merged_params(lam: torch.Tensor) -> dict[str, torch.Tensor]:
         params = {}
         for index, (key, theta0, tau) in enumerate(zip(keys, base, taus)):
             weights = lam[index if rows > 1 else 0].view(-1, *([1] * theta0.dim()))
-            params[f"encoder.{key}"] = theta0 + (weights * tau).sum(0)
+            merged = theta0 + (weights * tau).sum(0)
+            params[f"encoder.{key}"] = merged.detach() if key in buffers else merged
         params.update({f"encoder.{k}": v for k, v in fixed.items()})
         return params
 

@@ -96,6 +96,11 @@ class ScanBatch:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    def __getitem__(self, index: torch.Tensor | slice) -> ScanBatch:
+        """The scans at `index` (a slice or index tensor), as a batch (AdaMerging draws its minibatches this way)."""
+        return ScanBatch(self.features[index], self.cell_ind[index], self.neighbors[index], self.valid[index],
+                         None if self.probe is None else self.probe[index], self.grids)
+
     @property
     def device(self) -> torch.device:
         return self.features.device

@@ -28,7 +28,7 @@ from taskmerge.settings.dense.encoder import DenseViT
 from taskmerge.settings.dense.metrics import DepthRMSE, SegmentationMIoU
 from taskmerge.settings.dense.releases import check_same_grid, load_canonical, pos_grid
 from taskmerge.tasks import DatasetSplit, Task
-from taskmerge.zoo import Zoo
+from taskmerge.zoo import Zoo, release_path, required_path
 
 ENCODERS = {"dense": DenseViT}
 MERGE_DEFAULTS: dict[str, Any] = {}
@@ -65,30 +65,13 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         if any(n not in demo_tasks for n in names):
             raise UserError(f"tasks.demo=true generates {list(demo_tasks)} only; got tasks.names={names}")
         return  # the demo generates its data and releases when the zoo is loaded
-    datasets.check_layout([DATASET_OF[n] for n in names], _required(tasks_cfg, "data_location", "paths.data=DIR"))
+    datasets.check_layout([DATASET_OF[n] for n in names], required_path(tasks_cfg, "data_location", "paths.data=DIR"))
     files = {"tasks.base": tasks_cfg["base"], **{f"tasks.finetuned.{n}": tasks_cfg["finetuned"].get(n) for n in names}}
     missing = [f"{option}={path}" for option, path in files.items()
-               if path is None or not _release_file(tasks_cfg, option, path).is_file()]
+               if path is None or not release_path(tasks_cfg, option, path).is_file()]
     if missing:
         raise UserError("dense release file(s) missing: " + "; ".join(missing) + " (a DUNE `{model, args, iter}` .pth, a "
                         "DINOv2 state dict, a Multi-HMR checkpoint or safetensors)")
-
-
-def _release_file(tasks_cfg: Mapping[str, Any], option: str, path: str) -> Path:
-    """A release file option's path: as given when absolute, else under `tasks.checkpoints`."""
-    given = Path(path).expanduser()
-    if given.is_absolute():
-        return given
-    if tasks_cfg["checkpoints"] is None:
-        raise UserError(f"{option}={path} is a relative path but tasks.checkpoints is not set: pass paths.checkpoints=DIR "
-                        "(or export TASKMERGE_CHECKPOINTS_DIR), or give an absolute path")
-    return Path(tasks_cfg["checkpoints"]).expanduser() / given
-
-
-def _required(tasks_cfg: Mapping[str, Any], key: str, how: str) -> Path:
-    if tasks_cfg[key] is None:
-        raise UserError(f"tasks.{key} is not set: pass {how}")
-    return Path(tasks_cfg[key]).expanduser()
 
 
 def _decoder_of(tasks_cfg: Mapping[str, Any], name: str) -> str | external.ExternalDecoder:
@@ -118,9 +101,9 @@ def _release_paths(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]
         architecture = {k: encoder_cfg[k] for k in ("embed_dim", "depth", "num_heads", "reg_tokens", "image_size")}
         demo = build_demo(cfg["paths"]["cache_dir"], DemoConfig(**architecture, seed=cfg["seed"]))
         return demo.base, {n: demo.finetuned[n] for n in tasks_cfg["names"]}, demo.data_root
-    return (_release_file(tasks_cfg, "tasks.base", tasks_cfg["base"]),
-            {n: _release_file(tasks_cfg, f"tasks.finetuned.{n}", tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
-            _required(tasks_cfg, "data_location", "paths.data=DIR"))
+    return (release_path(tasks_cfg, "tasks.base", tasks_cfg["base"]),
+            {n: release_path(tasks_cfg, f"tasks.finetuned.{n}", tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
+            required_path(tasks_cfg, "data_location", "paths.data=DIR"))
 
 
 def load_zoo(cfg: Mapping[str, Any]) -> Zoo:

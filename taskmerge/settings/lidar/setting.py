@@ -30,7 +30,7 @@ from taskmerge.settings.lidar.releases import check_architecture, read_release
 from taskmerge.settings.lidar.scans import PreparedScans, collate_scans, holdout
 from taskmerge.tasks import DatasetSplit, Task
 from taskmerge.tasks.metrics import MeanIoU
-from taskmerge.zoo import Zoo
+from taskmerge.zoo import Zoo, release_path, required_path
 from taskmerge import checkpoints
 
 TASKS = ("nuscenes", "semantic_kitti", "panda64", "pandagt")
@@ -71,34 +71,17 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         return  # generated when the zoo is loaded
     problems = []
     try:
-        datasets.check_layout(names, _required(tasks_cfg, "data_location", "paths.data=DIR"))
+        datasets.check_layout(names, required_path(tasks_cfg, "data_location", "paths.data=DIR"))
     except UserError as error:
         problems.append(str(error))
     files = {"tasks.base": tasks_cfg["base"], **{f"tasks.finetuned.{n}": tasks_cfg["finetuned"].get(n) for n in names}}
     missing = [f"{option}={path}" for option, path in files.items()
-               if path is None or not _release_path(tasks_cfg, option, path).exists()]
+               if path is None or not release_path(tasks_cfg, option, path).exists()]
     if missing:
         problems.append("LiDAR release file(s) missing: " + "; ".join(missing) + " (ScaLR's pretrained model.pth, a "
                         "fine-tuning or linear-probing ckpt_last.pth, a folder holding one, or safetensors)")
     if problems:
         raise UserError("\n".join(problems))
-
-
-def _required(tasks_cfg: Mapping[str, Any], key: str, how: str) -> Path:
-    if tasks_cfg[key] is None:
-        raise UserError(f"tasks.{key} is not set: pass {how}")
-    return Path(tasks_cfg[key]).expanduser()
-
-
-def _release_path(tasks_cfg: Mapping[str, Any], option: str, path: str) -> Path:
-    """A release option's path: as given when absolute, else under `tasks.checkpoints`."""
-    given = Path(path).expanduser()
-    if given.is_absolute():
-        return given
-    if tasks_cfg["checkpoints"] is None:
-        raise UserError(f"{option}={path} is a relative path but tasks.checkpoints is not set: pass paths.checkpoints=DIR "
-                        "(or export TASKMERGE_CHECKPOINTS_DIR), or give an absolute path")
-    return Path(tasks_cfg["checkpoints"]).expanduser() / given
 
 
 def _sources(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]:
@@ -110,9 +93,9 @@ def _sources(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]:
         bench = build_benchmark(cfg["paths"]["cache_dir"], _encoder_config(cfg), tasks_cfg["synthetic"], tasks_cfg["val_fraction"],
                                 cfg["seed"])
         return bench.base, {n: bench.finetuned[n] for n in tasks_cfg["names"]}, bench.data_root
-    return (_release_path(tasks_cfg, "tasks.base", tasks_cfg["base"]),
-            {n: _release_path(tasks_cfg, f"tasks.finetuned.{n}", tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
-            _required(tasks_cfg, "data_location", "paths.data=DIR"))
+    return (release_path(tasks_cfg, "tasks.base", tasks_cfg["base"]),
+            {n: release_path(tasks_cfg, f"tasks.finetuned.{n}", tasks_cfg["finetuned"][n]) for n in tasks_cfg["names"]},
+            required_path(tasks_cfg, "data_location", "paths.data=DIR"))
 
 
 def load_zoo(cfg: Mapping[str, Any]) -> Zoo:

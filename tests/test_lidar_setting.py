@@ -124,6 +124,10 @@ def test_lidar4_checks_every_input_before_any_work(tmp_path):
         check_run(_compose("tasks=lidar4", "tasks.names=[nuscenes,waymo]", "logger=none"))
     with pytest.raises(UserError, match="tasks.preprocessing.nuscenes"):
         check_run(_compose("tasks=lidar4", "+tasks.preprocessing.nuscenes.voxel_size=0.2", "logger=none"))
+    with pytest.raises(UserError, match=r"tasks.preprocessing.panda64.grids=\[\[1, 2\]\] is invalid"):
+        check_run(_compose("tasks=lidar4", "tasks.preprocessing.panda64.grids=[[1,2]]", "logger=none"))
+    with pytest.raises(UserError, match="one grid per projection"):
+        check_run(_compose("tasks=lidar_builtin", "encoder.grids=[[64,64]]", "logger=none"))
     with pytest.raises(UserError, match="method.loss=entropy"):
         check_run(_compose("tasks=lidar4", "method=adamerging", "method.loss=entropy", "logger=none"))
 

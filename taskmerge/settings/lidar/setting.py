@@ -58,10 +58,15 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise UserError(f"tasks.names: unknown LiDAR task(s) {unknown}; expected names from {list(TASKS)}")
+    try:
+        config = _encoder_config(cfg)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"encoder={cfg['encoder']['config']} with {cfg['encoder']}: {error}") from None
     for task, override in tasks_cfg["preprocessing"].items():
         if task not in TASKS or not isinstance(override, Mapping) or set(override) - set(PREPROCESSING_OVERRIDES):
             raise UserError(f"tasks.preprocessing.{task}={override!r}: expected a task of {list(TASKS)} mapping to some "
                             f"of {list(PREPROCESSING_OVERRIDES)}")
+        _check_extent(f"tasks.preprocessing.{task}", override, len(config.projections))
     if method == "adamerging" and cfg["method"]["loss"] == "entropy":
         raise UserError("method.loss=entropy needs frozen classification heads; the LiDAR tasks train a linear probe: "
                         "use method.loss=tap (AdaMerging-TAP, the paper's Tab. 2 row)")
@@ -82,6 +87,18 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
                         "fine-tuning or linear-probing ckpt_last.pth, a folder holding one, or safetensors)")
     if problems:
         raise UserError("\n".join(problems))
+
+
+def _check_extent(option: str, override: Mapping[str, Any], projections: int) -> None:
+    """Grids: one [H, W] of positive integers per projection; FOV: [[x, y, z] min, [x, y, z] max] with min < max."""
+    grids, fov = override.get("grids"), override.get("fov")
+    if grids is not None and (len(grids) != projections or any(
+            len(grid) != 2 or not all(isinstance(v, int) and v > 0 for v in grid) for grid in grids)):
+        raise UserError(f"{option}.grids={grids!r} is invalid; expected {projections} [H, W] pairs of positive integers")
+    if fov is not None and (len(fov) != 2 or any(len(corner) != 3 for corner in fov)
+                            or not all(low < high for low, high in zip(*fov))):
+        raise UserError(f"{option}.fov={fov!r} is invalid; expected [[x, y, z] minimum, [x, y, z] maximum] in metres, "
+                        "each minimum below its maximum")
 
 
 def _sources(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Path], Path]:

@@ -336,6 +336,8 @@ def learn_adamerging(pipeline: Pipeline, run_dir: Path) -> LearnedMerger:
     # the zoo's key space, which `encoder_weights` maps to the module (e.g. the dense setting's cls/pos fold)
     encoder.load_state_dict(result.merged)
     merged = encoder.canonical_weights()
+    if setting.post_merge is not None:
+        merged = setting.post_merge(merged)
     if not pipeline.distributed.is_main:
         return LearnedMerger(ADAMERGING, hparams, merged)
     out.mkdir(parents=True, exist_ok=True)

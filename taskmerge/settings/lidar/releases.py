@@ -60,7 +60,7 @@ class Release:
 
 def read_release(path: str | Path) -> Release:
     """Read any layout above; refuse a file without a complete WaffleIron encoder."""
-    path = _release_file(Path(path))
+    path = release_file(Path(path))
     container = load_container(path, safe_globals=NUMPY_SAFE_GLOBALS, suffixes=(".pth", ".pt"))
     state, state_key = _state_dict_of(container, path)
     encoder, head = split_state(state, path)
@@ -119,7 +119,7 @@ def check_architecture(encoder: Mapping[str, torch.Tensor], config: WaffleIronCo
         raise UserError(f"{path}: a WaffleIron with {found}, but the encoder is configured with {wanted}")
 
 
-def _release_file(path: Path) -> Path:
+def release_file(path: Path) -> Path:
     """The weights file itself, or the one a release folder holds."""
     if path.is_dir():
         for name in _FOLDER_FILES:

@@ -23,10 +23,10 @@ from taskmerge.cache import content_key, read_tensors_entry, write_tensors_entry
 from taskmerge.errors import UserError
 from taskmerge.settings.lidar import classes, datasets
 from taskmerge.settings import encoder_from_spec
-from taskmerge.settings.lidar.encoder import WaffleIronEncoder, encoder_config, is_bn_statistic, recalibrate_batchnorm
+from taskmerge.settings.lidar.encoder import WaffleIronConfig, WaffleIronEncoder, encoder_config, is_bn_statistic, recalibrate_batchnorm
 from taskmerge.settings.lidar.preprocess import Preprocessing
 from taskmerge.settings.lidar.probe import PointLabels, score_probe, train_probe
-from taskmerge.settings.lidar.releases import check_architecture, read_release
+from taskmerge.settings.lidar.releases import check_architecture, read_release, release_file
 from taskmerge.settings.lidar.scans import PreparedScans, collate_scans, holdout
 from taskmerge.tasks import DatasetSplit, Task
 from taskmerge.tasks.metrics import MeanIoU
@@ -42,12 +42,16 @@ PREPROCESSING_OVERRIDES = ("grids", "fov")
 
 def create_encoder(name: str, config: str = "waffleiron_768", **options: Any) -> nn.Module:
     """A WaffleIron encoder with random weights: the named configuration with the non-null options replaced."""
-    return WaffleIronEncoder(encoder_config(config, **{k: v for k, v in options.items() if v is not None}))
+    return WaffleIronEncoder(_configured(config, options))
 
 
-def _encoder_config(cfg: Mapping[str, Any]):
-    options = {k: v for k, v in cfg["encoder"].items() if k not in ("name", "config")}
-    return create_encoder("waffleiron", cfg["encoder"]["config"], **options).config
+def _configured(config: str, options: Mapping[str, Any]) -> WaffleIronConfig:
+    return encoder_config(config, **{k: v for k, v in options.items() if v is not None})
+
+
+def _encoder_config(cfg: Mapping[str, Any]) -> WaffleIronConfig:
+    """The configured architecture (no module built)."""
+    return _configured(cfg["encoder"]["config"], {k: v for k, v in cfg["encoder"].items() if k not in ("name", "config")})
 
 
 def check_inputs(cfg: Mapping[str, Any]) -> None:
@@ -126,13 +130,17 @@ def load_zoo(cfg: Mapping[str, Any]) -> Zoo:
     return Zoo(key=content_key("lidar-zoo", zoo.fingerprints()), base=zoo.base, finetuned=zoo.finetuned, heads={})
 
 
-def _encoder_file(source: Path, folder: Path, config: Any) -> Path:
-    """The encoder of a release as safetensors, converted on first use (keyed by the file's SHA-256)."""
-    release = read_release(source)
-    path = folder / f"{content_key(RELEASE_CACHE_VERSION, checkpoints.fingerprint(release.path))[:32]}.safetensors"
-    check_architecture(release.encoder, config, release.path)
+def _encoder_file(source: Path, folder: Path, config: WaffleIronConfig) -> Path:
+    """The encoder of a release as safetensors, converted on first use (keyed by the file's SHA-256, so a later
+    run reads only the converted file) and checked against the configured architecture."""
+    source = release_file(source)
+    path = folder / f"{content_key(RELEASE_CACHE_VERSION, checkpoints.fingerprint(source))[:32]}.safetensors"
     if read_tensors_entry(path) is None:
+        release = read_release(source)
+        check_architecture(release.encoder, config, source)
         write_tensors_entry(path, release.encoder)
+    else:
+        check_architecture(checkpoints.LazyStateDict(path), config, source)
     return path
 
 

@@ -164,10 +164,12 @@ def load_setting(cfg: Mapping[str, Any], timer: StageTimer, distributed: Distrib
 def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache_dir: Path,
                       distributed: Distributed = Distributed()) -> dict[str, dict[str, dict[str, float]]]:
     """Metrics of the base and of each fine-tuned encoder (on its own task), on val and test, with the
-    same decoder protocol as the candidates; cached under a key of zoo, data and protocol."""
+    same decoder protocol as the candidates (or the task's own `reference` scorer for the fine-tuned one); cached under
+    a key of zoo, data, protocol and those scorers."""
     data = setting.data_identity()
+    own_references = {t.name: t.reference.identity for t in setting.tasks if t.reference is not None}
     key = content_key("references", REFERENCE_CACHE_VERSION, setting.zoo.fingerprints(), data, type(protocol).__name__, vars(protocol),
-                      Path(evaluation.__file__).read_text())
+                      Path(evaluation.__file__).read_text(), *([own_references] if own_references else []))
     path = Path(cache_dir) / "references" / f"{key[:32]}.json"
     distributed.barrier()
     cached = read_json_entry(path)
@@ -178,7 +180,8 @@ def reference_metrics(setting: Setting, protocol: evaluation.EvalProtocol, cache
     part = {}
     for task in tqdm(distributed.shard(setting.tasks), desc="reference metrics", leave=False):
         finetuned = setting.load_encoder(setting.zoo.finetuned[task.name])
-        own = evaluation.evaluate_task_splits(finetuned, task, splits, protocol)
+        own = (task.reference.score(finetuned, splits, protocol.for_task(task.name)) if task.reference is not None
+               and isinstance(protocol, evaluation.DecoderProtocol) else evaluation.evaluate_task_splits(finetuned, task, splits, protocol))
         if isinstance(protocol, evaluation.FrozenHeadProtocol):
             frozen = own
         elif task.name in setting.zoo.heads:  # the fine-tuned model's own decoder, kept frozen (selector=frozen_decoder)

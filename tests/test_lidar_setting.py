@@ -176,3 +176,24 @@ def test_lidar_builtin_is_a_real_merging_problem(tmp_path):
     names = cfg["tasks"]["names"]
     base_normalized = sum(refs["base"]["test"][t] / refs["finetuned"]["test"][t] for t in names) / len(names)
     assert base_normalized < 0.6 and base_normalized + 0.1 < selection["final"]["normalized"] < 1.0
+
+
+def test_normalization_against_the_fine_tuned_releases_own_heads(cache, tmp_path):
+    """`tasks.reference=own_head`: each fine-tuned encoder is scored with its release's `classif` head (no re-training)
+    as the normalization reference; the probe reference stays a separate cache entry."""
+    from taskmerge.settings.lidar.probe import PointHead, score_probe
+
+    run_experiment(_small(cache, "method.search.alpha=[0.3]", "tasks.names=[nuscenes]"), tmp_path / "probe")
+    cfg = _small(cache, "tasks.reference=own_head", "method.search.alpha=[0.3]", "tasks.names=[nuscenes]")
+    run_experiment(cfg, tmp_path / "run")
+    root = next((cache / "lidar_builtin").iterdir())
+    release = read_release(root / "releases" / "finetuning" / "nuscenes" / "ckpt_last.pth")
+    head = PointHead(32, 16)
+    head.load_state_dict(release.head)
+    zoo = lidar.load_zoo(cfg)
+    task = lidar.build_tasks(cfg, zoo)[0]
+    encoder = load_encoder(zoo.finetuned["nuscenes"], "waffleiron_tiny")
+    expected = score_probe(head, lidar.scan_features(encoder, task.splits["test"], 8), 16)
+    entries = [json.loads(p.read_text()) for p in (cache / "references").glob("*.json")]
+    assert any(e["finetuned"]["test"].get("nuscenes") == expected for e in entries)
+    assert any(e["finetuned"]["test"].get("nuscenes") != expected for e in entries), "the probe reference is kept apart"

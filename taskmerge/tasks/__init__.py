@@ -112,6 +112,15 @@ class Samples:
         return cls(Split(images, torch.zeros(len(images))), torch.arange(len(images)))
 
 
+@dataclass(frozen=True)
+class ReferenceScorer:
+    """A task's own way to score its fine-tuned encoder for normalization: `score(encoder, splits, protocol)` → metric
+    per split; `identity` names what it depends on (e.g. the head file's fingerprint), for the references' cache key."""
+
+    identity: str
+    score: Callable[[nn.Module, tuple[str, ...], Any], dict[str, float]] = field(repr=False)
+
+
 @dataclass
 class Task:
     """One downstream task; `kind` picks the decoder (classification, segmentation or depth); `head` is the
@@ -127,6 +136,9 @@ class Task:
     # a setting whose decoders are not the generic linear ones supplies its own Eval: (encoder, splits, protocol)
     # → metric per split (dense decoders on intermediate features, an external command)
     evaluator: Callable[[nn.Module, tuple[str, ...], Any], dict[str, float]] | None = field(default=None, repr=False)
+    # how the task's fine-tuned encoder is scored as the normalization reference when not like a candidate (e.g. with
+    # the release's own head, no re-training); None: like a candidate
+    reference: ReferenceScorer | None = field(default=None, repr=False)
 
     @property
     def higher_is_better(self) -> bool:

@@ -55,6 +55,9 @@ class LidarTasksConfig:
     probe_points: int = count(2048)  # TAP: tokens per scan compared with the teacher's (a fixed, seeded subset)
     bn_stats: str = checked("merge", one_of("merge", "keep_base", "recalibrate"),
                             "'merge' (like weights, variance clamped at 0), 'keep_base' or 'recalibrate' (on TAP's scans)")
+    # normalization reference: the fine-tuned encoders with the same re-trained probe, or with their releases' own heads
+    reference: str = checked("probe", one_of("probe", "own_head"),
+                             "'probe' (the same linear probe, re-trained) or 'own_head' (each fine-tuned release's head)")
     val_fraction: float = checked(0.1, number_in(0, 1, low_open=True, high_open=True), "a number in (0, 1)")
     max_train_scans: Optional[int] = checked(None, optional(int_at_least(2)), "null or an integer >= 2")
     max_eval_scans: Optional[int] = checked(None, optional(int_at_least(1)), "null or an integer >= 1")

@@ -25,10 +25,10 @@ from taskmerge.settings.lidar import classes, datasets
 from taskmerge.settings import encoder_from_spec
 from taskmerge.settings.lidar.encoder import WaffleIronConfig, WaffleIronEncoder, encoder_config, is_bn_statistic, recalibrate_batchnorm
 from taskmerge.settings.lidar.preprocess import Preprocessing
-from taskmerge.settings.lidar.probe import PointLabels, score_probe, train_probe
+from taskmerge.settings.lidar.probe import PointHead, PointLabels, score_probe, train_probe
 from taskmerge.settings.lidar.releases import check_architecture, read_release, release_file
 from taskmerge.settings.lidar.scans import PreparedScans, collate_scans, holdout
-from taskmerge.tasks import DatasetSplit, Task
+from taskmerge.tasks import DatasetSplit, ReferenceScorer, Task
 from taskmerge.tasks.metrics import MeanIoU
 from taskmerge.zoo import Zoo, release_path, required_path
 from taskmerge import checkpoints
@@ -155,9 +155,44 @@ def preprocessing(cfg: Mapping[str, Any], task: str) -> Preprocessing:
 
 
 def build_tasks(cfg: Mapping[str, Any], zoo: Zoo) -> list[Task]:
-    """The configured LiDAR tasks: splits of prepared scans, the mIoU metric and the linear-probe evaluator."""
-    _, _, root = _sources(cfg)
-    return [_build_task(cfg, name, root) for name in cfg["tasks"]["names"]]
+    """The configured LiDAR tasks: splits of prepared scans, the mIoU metric, the linear-probe evaluator and, with
+    `tasks.reference=own_head`, the fine-tuned releases' own heads as the normalization reference."""
+    _, finetuned, root = _sources(cfg)
+    tasks = [_build_task(cfg, name, root) for name in cfg["tasks"]["names"]]
+    if cfg["tasks"]["reference"] == "own_head":
+        folder = Path(cfg["paths"]["cache_dir"]) / "lidar_release"
+        for task in tasks:
+            task.reference = _own_head(task, _head_file(finetuned[task.name], folder))
+    return tasks
+
+
+def _head_file(source: Path, folder: Path) -> Path:
+    """The `classif.*` head of a fine-tuned release as safetensors, extracted on first use."""
+    source = release_file(source)
+    path = folder / f"head-{content_key(RELEASE_CACHE_VERSION, checkpoints.fingerprint(source))[:32]}.safetensors"
+    if read_tensors_entry(path) is None:
+        release = read_release(source)
+        if not release.head:
+            raise UserError(f"{source}: no classif.* head in this {release.layout} file; tasks.reference=own_head needs the "
+                            "fine-tuning (or linear-probing) ckpt_last.pth of every task")
+        write_tensors_entry(path, release.head)
+    return path
+
+
+def _own_head(task: Task, head_file: Path) -> ReferenceScorer:
+    """Scores a fine-tuned encoder with its release's own head (no re-training), by mIoU on every original point."""
+
+    def score(encoder: WaffleIronEncoder, wanted: tuple[str, ...], protocol: Any) -> dict[str, float]:
+        head = PointHead(encoder.embed_dim, task.num_outputs)
+        try:
+            head.load_state_dict(read_tensors_entry(head_file) or {})
+        except RuntimeError as error:
+            raise UserError(f"{head_file}: the head of task {task.name!r} does not fit a {task.num_outputs}-class probe on "
+                            f"{encoder.embed_dim} channels: {error}") from None
+        return {split: score_probe(head, scan_features(encoder, task.splits[split], protocol.feature_batch_size),
+                                   task.num_outputs) for split in wanted}
+
+    return ReferenceScorer(checkpoints.fingerprint(head_file), score)
 
 
 def _build_task(cfg: Mapping[str, Any], name: str, root: Path) -> Task:

@@ -45,7 +45,10 @@ def test_the_probe_learns_separable_points_and_is_scored_on_every_original_point
         label = torch.randint(0, 3, (50,), generator=generator)
         features.append(centres[label] + torch.randn(50, 8, generator=generator) * 0.3)
         labels.append(label)
-    head = train_probe(features, labels, 3, epochs=20, lr=1e-2, batch_size=4, weight_decay=3e-3, seed=0)
+    def read(index):
+        return torch.cat([features[int(i)] for i in index]), torch.cat([labels[int(i)] for i in index])
+
+    head = train_probe(read, len(features), 8, 3, epochs=20, lr=1e-2, batch_size=4, weight_decay=3e-3, seed=0)
     # two kept points carried to five original points; the last original point is ignored
     kept_features = torch.stack([centres[0], centres[2]])
     target = PointLabels(labels=torch.tensor([0, 0, 2, 2, IGNORE]), kept=torch.tensor([0, 2]),

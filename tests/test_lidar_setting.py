@@ -197,3 +197,19 @@ def test_normalization_against_the_fine_tuned_releases_own_heads(cache, tmp_path
     entries = [json.loads(p.read_text()) for p in (cache / "references").glob("*.json")]
     assert any(e["finetuned"]["test"].get("nuscenes") == expected for e in entries)
     assert any(e["finetuned"]["test"].get("nuscenes") != expected for e in entries), "the probe reference is kept apart"
+
+
+def test_probe_features_per_step_train_the_same_probe_as_kept_ones(cache, monkeypatch):
+    """Train features beyond `FEATURE_CACHE_BYTES` (real datasets at 768) are recomputed per step: same probe, same mIoU."""
+    from taskmerge.experiment import build_protocol
+    from taskmerge.selection.evaluation import evaluate_task_splits
+
+    cfg = _small(cache, "decoder.epochs=2")
+    zoo = lidar.load_zoo(cfg)
+    task = lidar.build_tasks(cfg, zoo)[1]
+    encoder = load_encoder(zoo.finetuned[task.name], "waffleiron_tiny")
+    protocol = build_protocol(cfg["decoder"], cfg["seed"])
+    kept = evaluate_task_splits(encoder, task, ("val",), protocol)
+    monkeypatch.setattr(lidar, "FEATURE_CACHE_BYTES", 0)
+    per_step = evaluate_task_splits(encoder, task, ("val",), protocol)
+    assert kept["val"] > 0 and abs(per_step["val"] - kept["val"]) < 1e-6

@@ -10,7 +10,7 @@ points, spec §9 Q6, are left out).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -83,17 +83,13 @@ def probe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, ignore_index=IGNORE) + lovasz_softmax(logits.softmax(1), labels)
 
 
-def train_probe(features: list[torch.Tensor], labels: list[torch.Tensor], classes: int, epochs: int, lr: float,
-                batch_size: int, weight_decay: float, seed: int, desc: str | None = None) -> PointHead:
-    """A probe trained on per-scan point features `[M_i, C]` and their labels `[M_i]`, `batch_size` scans per step
-    (AdamW, warm-up over 2 epochs, cosine to 1e-5)."""
+def train_probe(read: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], scans: int, channels: int, classes: int,
+                epochs: int, lr: float, batch_size: int, weight_decay: float, seed: int, desc: str | None = None) -> PointHead:
+    """A probe trained on `scans` scans, `batch_size` per step: `read(indices)` gives their point features `[P, C]`
+    and labels `[P]`, concatenated (AdamW, warm-up over 2 epochs, cosine to 1e-5)."""
     torch.manual_seed(seed)
-    head = PointHead(features[0].shape[1], classes)
-
-    def read(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([features[int(i)] for i in index]), torch.cat([labels[int(i)] for i in index])
-
-    data = PairedBatches(read, len(features))
+    head = PointHead(channels, classes)
+    data = PairedBatches(read, scans)
     train_module(head, data.inputs, data.targets, probe_loss, epochs, lr, batch_size, seed, weight_decay,
                  warmup=min(WARMUP_EPOCHS / epochs, 0.5), desc=desc, floor=FINAL_LR / lr)
     return head.eval()

@@ -38,6 +38,7 @@ MERGE_DEFAULTS: dict[str, Any] = {}
 DECODER_HEADS = {task: ("linear_probe",) for task in TASKS}  # ScaLR's BN1d + 1x1 conv per point
 RELEASE_CACHE_VERSION = 1
 PREPROCESSING_OVERRIDES = ("grids", "fov")
+FEATURE_CACHE_BYTES = 4 * 2**30  # probe training features kept in memory up to this size; beyond, recomputed per step
 
 
 def create_encoder(name: str, config: str = "waffleiron_768", **options: Any) -> nn.Module:
@@ -223,13 +224,35 @@ def scan_features(encoder: WaffleIronEncoder, split: DatasetSplit, batch_size: i
             yield tokens[row, : len(target.kept)], target
 
 
+class _TrainFeatures:
+    """A probe's training data: the frozen encoder's point features of the train scans and their labels, computed on
+    first use and kept while they fit in `FEATURE_CACHE_BYTES`, recomputed per step beyond (real datasets at 768)."""
+
+    def __init__(self, encoder: WaffleIronEncoder, split: DatasetSplit, batch_size: int) -> None:
+        self.encoder, self.split, self.batch_size = encoder, split, batch_size
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bytes = 0
+
+    def read(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wanted = [int(i) for i in index]
+        missing = [i for i in wanted if i not in self.kept]
+        computed = {} if not missing else dict(zip(missing, ((features, target.kept_labels) for features, target in
+                                      scan_features(self.encoder, self.split.subset(torch.tensor(missing)), self.batch_size))))
+        for i, (features, labels) in computed.items():
+            if self.bytes + features.numel() * features.element_size() <= FEATURE_CACHE_BYTES:
+                self.kept[i] = (features, labels)
+                self.bytes += features.numel() * features.element_size()
+        parts = [self.kept.get(i) or computed[i] for i in wanted]
+        return torch.cat([f for f, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
 def _probe_evaluator(name: str, count: int, splits: Mapping[str, DatasetSplit]) -> Callable[..., dict[str, float]]:
     """Eval of a LiDAR task: a linear probe trained on the frozen encoder's features of the protocol's train scans,
     then its mIoU on each split asked for."""
 
     def evaluate(encoder: WaffleIronEncoder, wanted: tuple[str, ...], protocol: Any) -> dict[str, float]:
-        train = list(scan_features(encoder, protocol.training_split(splits["train"]), protocol.feature_batch_size))
-        head = train_probe([f for f, _ in train], [t.kept_labels for _, t in train], count, protocol.epochs, protocol.lr,
+        train = _TrainFeatures(encoder, protocol.training_split(splits["train"]), protocol.feature_batch_size)
+        head = train_probe(train.read, len(train.split), encoder.embed_dim, count, protocol.epochs, protocol.lr,
                            protocol.batch_size, protocol.weight_decay, protocol.seed, desc=f"{name} linear probe")
         return {split: score_probe(head, scan_features(encoder, splits[split], protocol.feature_batch_size), count)
                 for split in wanted}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -183,7 +183,7 @@ class _PointModel(nn.Module):
         self.encoder, self.head = encoder, head
 
     def forward(self, batch: ScanBatch) -> torch.Tensor:
-        tokens = self.encoder(replace(batch, probe=None))[batch.valid]  # [P, C]
+        tokens = self.encoder(batch)[batch.valid]  # [P, C]
         return self.head(tokens.T.unsqueeze(0))[0].T if isinstance(self.head, nn.Conv1d) else self.head(tokens)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from taskmerge.checkpoints import LazyStateDict
 from taskmerge.merging._checks import key_meta, mergeable_keys
-from taskmerge.merging._registry import MergeMethod, PreparedMerge, finite_float, get_method
+from taskmerge.merging._registry import HParam, MergeMethod, PreparedMerge, finite_float, get_method
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -84,14 +84,42 @@ def chunk_bounds(numel: int) -> list[tuple[int, int]]:
     return [(start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK)] or [(0, 0)]
 
 
-def stacked_task_vector_chunk(pretrained: Tensors, finetuned: Sequence[Tensors], key: str, start: int, stop: int) -> torch.Tensor:
+class Workspace:
+    """Reusable block buffers, one per dtype, of `rows` × CHUNK elements: blocks read into them touch no fresh pages
+    (a fresh 4 MB block costs about as much in page faults as reading it from the page cache)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def stack(self, dtype: torch.dtype, width: int) -> torch.Tensor:
+        """A contiguous `[rows, width]` view (width ≤ CHUNK) of the buffer for `dtype`; its content is garbage."""
+        if dtype not in self._buffers:
+            self._buffers[dtype] = torch.empty(self.rows * CHUNK, dtype=dtype)
+        return self._buffers[dtype][: self.rows * width].view(self.rows, width)
+
+
+def stacked_task_vector_chunk(pretrained: Tensors, finetuned: Sequence[Tensors], key: str, start: int, stop: int,
+                              workspace: Workspace | None = None) -> torch.Tensor:
     """`[T, stop − start]`: elements [start, stop) of τ_t[key] flattened, for every task; the base block is read
-    once and every fine-tuned block straight into the stack, so memory is T blocks whatever the key size."""
-    base = read_flat(pretrained, key, start, stop)
-    stack = torch.empty((len(finetuned), stop - start), dtype=base.dtype)
+    once and every fine-tuned block straight into the stack (memory: T + 1 blocks whatever the key size). With a
+    `workspace` of T + 1 rows the stack is a view of it, valid until the next call."""
+    dtype, width = key_meta(pretrained, key)[0], stop - start
+    rows = len(finetuned) + 1
+    if workspace is not None and workspace.rows != rows:
+        raise ValueError(f"workspace has {workspace.rows} rows, {rows} needed (T fine-tuned blocks and the base)")
+    buffer = workspace.stack(dtype, width) if workspace is not None else torch.empty((rows, width), dtype=dtype)
+    base = buffer[-1]
+    if isinstance(pretrained, LazyStateDict):
+        pretrained.read_flat(key, start, stop, out=base)
+    else:
+        base.copy_(read_flat(pretrained, key, start, stop))
     for index, model in enumerate(finetuned):
-        torch.sub(read_flat(model, key, start, stop), base, out=stack[index])
-    return stack
+        if isinstance(model, LazyStateDict):
+            model.read_flat(key, start, stop, out=buffer[index]).sub_(base)
+        else:
+            torch.sub(read_flat(model, key, start, stop), base, out=buffer[index])
+    return buffer[:-1]
 
 
 def task_vectors(pretrained: Tensors, finetuned: Sequence[Tensors]) -> list[TaskVector]:
@@ -110,13 +138,13 @@ def zero_base(pretrained: Tensors) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ matrix rule
 
 
-def is_matrix(key: str, tensor: torch.Tensor, exclude: str | None = None) -> bool:
-    """A tensor is a "matrix" when it is 2-D after dropping its size-1 dimensions and its key does not match
-    the regex `exclude` (`re.search`; None or "" excludes nothing; a setting supplies its own rule, e.g. CLIP's
+def is_matrix(key: str, shape: Sequence[int], exclude: str | None = None) -> bool:
+    """A tensor of `shape` is a "matrix" when it is 2-D after dropping its size-1 dimensions and its key does not
+    match the regex `exclude` (`re.search`; None or "" excludes nothing; a setting supplies its own rule, e.g. CLIP's
     `text_projection`, the reference's exclusion). 4-D `conv1.weight`, 1-D and 0-D tensors are not matrices."""
     if exclude and re.search(exclude, key):
         return False
-    return sum(1 for size in tensor.shape if size != 1) == 2
+    return sum(1 for size in shape if size != 1) == 2
 
 
 def merged_matrix(merge: Callable[[list[torch.Tensor]], torch.Tensor], matrices: list[torch.Tensor],
@@ -261,6 +289,23 @@ def int_at_least(low: int) -> Callable[[Any], bool]:
 
 def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: value is None or check(value)
+
+
+def device_name(value: Any) -> bool:
+    """Check: a torch device string naming a device this machine has (CUDA ones only where CUDA is available)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+    return device.type == "cpu"
+
+
+DEVICE = HParam("cpu", device_name, "a torch device this machine has: 'cpu', 'cuda' or 'cuda:N' (where the SVD methods' "
+                "decompositions run)")
 
 
 def regex_or_none(value: Any) -> bool:

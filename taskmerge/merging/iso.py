@@ -26,7 +26,9 @@ from typing import Any, Sequence
 
 import torch
 
+from taskmerge.merging._checks import key_meta
 from taskmerge.merging._helpers import (
+    DEVICE,
     DeltaMethod,
     SVDBlocks,
     as_matrix,
@@ -42,17 +44,20 @@ from taskmerge.merging._helpers import (
     task_vectors,
 )
 from taskmerge.merging._registry import HParam, finite_float, register
+from taskmerge.merging._spectral import isotropic
 
 _ALPHA = HParam(1.0, finite_float, "a finite number (scaling coefficient)")
 _EXCLUDE = HParam(None, regex_or_none, "a regular expression or null (keys never treated as matrices)")
 
 
-def iso_c_matrix(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Iso-C of the task matrices: the sum with all its singular values replaced by their mean."""
-    merged = python_sum(matrices) / len(matrices)
-    merged *= len(matrices)
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
-    return torch.linalg.multi_dot((u, torch.diag(torch.ones_like(s) * s.mean()), vh))
+def iso_c_matrix(total: torch.Tensor, num_tasks: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Iso-C of task matrices summing to `total`: (total / T)·T (as the reference) with all its singular values replaced
+    by their mean, from a float64 eigendecomposition of its Gram matrix (`_spectral.isotropic`); 0 for a zero sum."""
+    merged = total / num_tasks
+    merged *= num_tasks
+    if not bool(merged.any()):
+        return torch.zeros_like(merged)
+    return isotropic(merged.to(device)).to("cpu", merged.dtype)
 
 
 def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -106,15 +111,17 @@ class IsoC(DeltaMethod):
     """θ0 + α·Iso-C(τ_1..τ_T) (matrices: flattened spectrum of Σ τ_t; others: Σ τ_t / T)."""
 
     name = "iso_c"
-    hparams = {"alpha": _ALPHA, "exclude": _EXCLUDE}
-    prepare_hparams = ("exclude",)
+    hparams = {"alpha": _ALPHA, "exclude": _EXCLUDE, "device": DEVICE}
+    prepare_hparams = ("exclude", "device")
 
-    def delta(self, pretrained, finetuned, *, exclude: str | None, **_: Any):
+    def delta(self, pretrained, finetuned, *, exclude: str | None, device: str, **_: Any):
         vectors = task_vectors(pretrained, finetuned)
         delta = {}
         for key in float_keys(pretrained):
-            if is_matrix(key, pretrained[key], exclude):
-                delta[key] = merged_matrix(iso_c_matrix, [as_matrix(vector[key]) for vector in vectors], pretrained[key].shape)
+            shape = key_meta(pretrained, key)[1]
+            if is_matrix(key, shape, exclude):
+                total = python_sum(as_matrix(vector[key]) for vector in vectors)  # one matrix at a time
+                delta[key] = iso_c_matrix(total, len(vectors), device).reshape(shape)
             else:
                 delta[key] = python_sum(vector[key] for vector in vectors) / len(vectors)
         return delta
@@ -136,9 +143,9 @@ class IsoCTS(DeltaMethod):
         vectors = task_vectors(pretrained, finetuned)
         delta = {}
         for key in float_keys(pretrained):
-            if is_matrix(key, pretrained[key], exclude):
+            if is_matrix(key, key_meta(pretrained, key)[1], exclude):
                 matrices = [as_matrix(vector[key]) for vector in vectors]
-                delta[key] = merged_matrix(lambda ms: iso_cts_matrix(ms, common_fraction), matrices, pretrained[key].shape)
+                delta[key] = merged_matrix(lambda ms: iso_cts_matrix(ms, common_fraction), matrices, key_meta(pretrained, key)[1])
             else:
                 delta[key] = running_mean(vector[key] for vector in vectors)
         return delta

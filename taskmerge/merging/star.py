@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
+from taskmerge.merging._checks import key_meta
 from taskmerge.merging._helpers import (
     DeltaMethod,
     as_matrix,
@@ -79,7 +80,7 @@ class Star(DeltaMethod):
         delta = {}
         for key in float_keys(pretrained):
             shape = pretrained[key].shape
-            if is_matrix(key, pretrained[key], exclude):
+            if is_matrix(key, key_meta(pretrained, key)[1], exclude):
                 parts = (star_matrix(as_matrix(vector[key]), eta).reshape(shape) for vector in vectors)
             else:
                 parts = (vector[key] for vector in vectors)

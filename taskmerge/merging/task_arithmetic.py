@@ -14,18 +14,20 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from taskmerge.merging._checks import key_meta
-from taskmerge.merging._helpers import DeltaMethod, ScaledDelta, chunk_bounds, float_keys, stacked_task_vector_chunk
+from taskmerge.merging._helpers import DeltaMethod, ScaledDelta, Workspace, chunk_bounds, float_keys, stacked_task_vector_chunk
 from taskmerge.merging._registry import HParam, MergeMethod, finite_float, register
 
 
 def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Σ_t (θ_t − θ0) for every floating-point key, block by block (memory: T blocks, whatever T and key size)."""
+    """Σ_t (θ_t − θ0) for every floating-point key, block by block into one reused workspace (memory: T + 1
+    blocks, whatever T and key size)."""
     total = {}
+    workspace = Workspace(len(finetuned) + 1)
     for key in float_keys(pretrained):
         dtype, shape = key_meta(pretrained, key)
         flat = torch.empty(math.prod(shape), dtype=dtype)
         for start, stop in chunk_bounds(flat.numel()):
-            flat[start:stop] = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop).sum(0)
+            torch.sum(stacked_task_vector_chunk(pretrained, finetuned, key, start, stop, workspace), 0, out=flat[start:stop])
         total[key] = flat.view(shape)
     return total
 

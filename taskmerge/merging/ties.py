@@ -24,7 +24,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from taskmerge.merging._checks import key_meta
-from taskmerge.merging._helpers import DeltaMethod, chunk_bounds, interval, number_in, one_of, sorted_float_keys, stacked_task_vector_chunk
+from taskmerge.merging._helpers import (DeltaMethod, Workspace, chunk_bounds, interval, number_in, one_of, sorted_float_keys,
+                                         stacked_task_vector_chunk)
 from taskmerge.merging._registry import HParam, finite_float, register
 
 
@@ -45,11 +46,12 @@ def trim_thresholds(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[
     dtype = torch.float64 if any(dtype == torch.float64 for dtype, _ in metas) else torch.float32
     buffer = torch.empty(total, dtype=dtype)
     thresholds = torch.empty(len(finetuned), dtype=dtype)
+    workspace = Workspace(2)
     for index, model in enumerate(finetuned):
         offset = 0
         for key, size in zip(keys, sizes):
             for start, stop in chunk_bounds(size):
-                block = stacked_task_vector_chunk(pretrained, [model], key, start, stop)[0]
+                block = stacked_task_vector_chunk(pretrained, [model], key, start, stop, workspace)[0]
                 torch.abs(block, out=buffer[offset + start:offset + stop])
             offset += size
         values = buffer.numpy()
@@ -78,17 +80,24 @@ def ties_delta(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mappi
     delta: dict[str, torch.Tensor] = {}
     alternatives: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     balance = 0
+    workspace = Workspace(len(finetuned) + 1)
     for key in keys:
         dtype, shape = key_meta(pretrained, key)
         flat = torch.empty(math.prod(shape), dtype=dtype)
         for start, stop in chunk_bounds(flat.numel()):
-            stack = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop)
+            stack = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop, workspace)
             if thresholds is not None:
-                stack *= stack.abs() >= thresholds.to(dtype)[:, None]
+                stack.mul_(torch.abs(stack) >= thresholds.to(dtype)[:, None])
             sign = torch.sign(stack.sum(dim=0))
             balance += int(sign.sum(dtype=torch.float64))
-            flat[start:stop] = _aggregate(stack * torch.where(sign >= 0, stack > 0, stack < 0), agg)
-            open_sign = ((sign == 0) & (stack != 0).any(dim=0)).nonzero().flatten()
+            # kept: the entries of the elected sign (+1 where the sum is 0), i.e. the reference's
+            # where(sign >= 0, stack > 0, stack < 0); they are exactly the non-zero selected entries it counts
+            kept = stack * (sign + (sign == 0)) > 0
+            torch.sum(stack * kept, 0, out=flat[start:stop])
+            if agg == "mean":
+                flat[start:stop] /= kept.sum(0, dtype=dtype).clamp_(min=1)
+            undecided = (sign == 0).nonzero().flatten()
+            open_sign = undecided[(stack[:, undecided] != 0).any(dim=0)] if undecided.numel() else undecided
             if open_sign.numel():
                 negative = stack[:, open_sign]
                 alternatives.append((key, open_sign + start, _aggregate(negative * (negative < 0), agg)))

@@ -92,3 +92,56 @@ def test_merge_from_safetensors_paths_equals_in_memory(tmp_path):
     from_disk = merging.merge("ta", base_path, paths, alpha=0.4)
     in_memory = merging.merge("ta", base, fts, alpha=0.4)
     assert from_disk.keys() == in_memory.keys() and all(torch.equal(from_disk[k], in_memory[k]) for k in in_memory)
+
+
+def test_a_nan_in_a_checkpoint_file_is_named_as_blocks_are_read(tmp_path):
+    """Files are checked for NaN/Inf as a method reads their blocks (no extra pass): the error names file and key."""
+    from taskmerge import checkpoints
+
+    base = {"w": torch.zeros(300, 7), "b": torch.zeros(3)}
+    good = {"w": torch.ones(300, 7), "b": torch.ones(3)}
+    bad_w = good["w"].clone()
+    bad_w[250, 3] = float("inf")
+    paths = [checkpoints.save_state_dict(tmp_path / "base.safetensors", base),
+             checkpoints.save_state_dict(tmp_path / "good.safetensors", good),
+             checkpoints.save_state_dict(tmp_path / "bad.safetensors", {"w": bad_w, "b": good["b"]})]
+    for method in ("ta", "ties", "tsv", "iso_c"):
+        with pytest.raises(checkpoints.NonFiniteTensor, match=r"bad\.safetensors: tensor 'w' contains NaN or Inf"):
+            merging.merge(method, paths[0], paths[1:])
+    assert merging.merge("ta", paths[0], paths[1:2], alpha=1.0)["w"].eq(1).all()
+
+
+def test_svd_methods_batched_per_key_equal_the_streamed_cpu_path(monkeypatch):
+    """The device path decomposes all T matrices of a key in one batched call; on the CPU they are streamed one
+    at a time. Both give the same merge (the batched code runs here on the CPU)."""
+    from taskmerge.merging import tsv
+
+    gen = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(40, 12, generator=gen, dtype=torch.float64), "v": torch.randn(6, 30, generator=gen, dtype=torch.float64)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in base.items()} for _ in range(5)]
+    fts[2] = {k: v.clone() for k, v in base.items()}  # one task that changed nothing: zero triplets
+    streamed = merging.merge("tsv", base, fts, alpha=1.0)
+    monkeypatch.setattr(tsv, "CPU_BATCH", None)
+    batched = merging.merge("tsv", base, fts, alpha=1.0)
+    assert all(torch.allclose(streamed[k], batched[k], rtol=0, atol=1e-12) for k in base)
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c"])
+def test_svd_methods_device_option(method):
+    base, fts = _model(0.0), [_model(1.0), _model(3.0)]
+    assert merging.merge(method, base, fts, device="cpu")["w"].shape == (2, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' is invalid; expected a torch device this machine has"):
+            merging.merge(method, base, fts, device="cuda")
+    with pytest.raises(ValueError, match="device='gpu0' is invalid"):
+        merging.merge(method, base, fts, device="gpu0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["tsv", "iso_c"])
+def test_svd_methods_on_cuda_equal_the_cpu(method):
+    gen = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(64, 48, generator=gen)}
+    fts = [{"w": base["w"] + 0.01 * torch.randn(64, 48, generator=gen)} for _ in range(4)]
+    cpu, cuda = (merging.merge(method, base, fts, device=device)["w"] for device in ("cpu", "cuda"))
+    assert cuda.device.type == "cpu" and torch.allclose(cpu, cuda, rtol=0, atol=1e-6)

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from taskmerge.merging._checks import key_meta
-from taskmerge.merging._helpers import DeltaMethod, ScaledDelta, Workspace, chunk_bounds, float_keys, stacked_task_vector_chunk
+from taskmerge.merging._helpers import (DeltaMethod, ScaledDelta, Workspace, chunk_bounds, float_keys, one_thread,
+                                         stacked_task_vector_chunk)
 from taskmerge.merging._registry import HParam, MergeMethod, finite_float, register
 
 
@@ -23,12 +24,14 @@ def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence
     blocks, whatever T and key size)."""
     total = {}
     workspace = Workspace(len(finetuned) + 1)
-    for key in float_keys(pretrained):
-        dtype, shape = key_meta(pretrained, key)
-        flat = torch.empty(math.prod(shape), dtype=dtype)
-        for start, stop in chunk_bounds(flat.numel()):
-            torch.sum(stacked_task_vector_chunk(pretrained, finetuned, key, start, stop, workspace), 0, out=flat[start:stop])
-        total[key] = flat.view(shape)
+    with one_thread():
+        for key in float_keys(pretrained):
+            dtype, shape = key_meta(pretrained, key)
+            flat = torch.empty(math.prod(shape), dtype=dtype)
+            for start, stop in chunk_bounds(flat.numel()):
+                block = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop, workspace)
+                torch.sum(block, 0, out=flat[start:stop])
+            total[key] = flat.view(shape)
     return total
 
 

@@ -24,8 +24,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from taskmerge.merging._checks import key_meta
-from taskmerge.merging._helpers import (DeltaMethod, Workspace, chunk_bounds, interval, number_in, one_of, sorted_float_keys,
-                                         stacked_task_vector_chunk)
+from taskmerge.merging._helpers import (DeltaMethod, Workspace, chunk_bounds, interval, number_in, one_of, one_thread,
+                                         sorted_float_keys, stacked_task_vector_chunk)
 from taskmerge.merging._registry import HParam, finite_float, register
 
 
@@ -122,4 +122,5 @@ class Ties(DeltaMethod):
     prepare_hparams = ("k", "agg")
 
     def delta(self, pretrained, finetuned, *, k: float, agg: str, **_: Any):
-        return ties_delta(pretrained, finetuned, sorted_float_keys(pretrained), k, agg)
+        with one_thread():
+            return ties_delta(pretrained, finetuned, sorted_float_keys(pretrained), k, agg)

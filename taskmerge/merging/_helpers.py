@@ -16,7 +16,9 @@ d-vector) at a time.
 
 from __future__ import annotations
 
+import math
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from abc import abstractmethod
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -134,6 +136,26 @@ def stacked_task_vector_chunk(pretrained: Tensors, finetuned: Sequence[Tensors],
         else:
             torch.sub(read_flat(model, key, start, stop), base, out=buffer[index])
     return buffer[:-1]
+
+
+def task_vector_blocks(pretrained: Tensors, finetuned: Sequence[Tensors],
+                       keys: Sequence[str]) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+    """(key, start, stop, `[T, stop − start]` stack of τ blocks) for every block of `keys`, in order. The next block
+    is read in a background thread while the caller works on this one (file reads and torch ops release the GIL),
+    so a stream runs at the speed of the slower of reading and computing; two workspaces alternate, and a stack is
+    valid until the caller asks for the next one."""
+    plan = [(key, start, stop) for key in keys for start, stop in chunk_bounds(math.prod(key_meta(pretrained, key)[1]))]
+    spaces = (Workspace(len(finetuned) + 1), Workspace(len(finetuned) + 1))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskmerge-read") as reader:
+        def read(index: int) -> Future:
+            return reader.submit(stacked_task_vector_chunk, pretrained, finetuned, *plan[index], spaces[index % 2])
+
+        pending = read(0) if plan else None
+        for index, (key, start, stop) in enumerate(plan):
+            stack = pending.result()
+            if index + 1 < len(plan):
+                pending = read(index + 1)
+            yield key, start, stop, stack
 
 
 def task_vectors(pretrained: Tensors, finetuned: Sequence[Tensors]) -> list[TaskVector]:

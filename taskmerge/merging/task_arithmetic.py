@@ -8,30 +8,23 @@ results can differ from it by 1 ulp where a key's blocks are not aligned as the 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from taskmerge.merging._checks import key_meta
-from taskmerge.merging._helpers import (DeltaMethod, ScaledDelta, Workspace, chunk_bounds, float_keys, one_thread,
-                                         stacked_task_vector_chunk)
+from taskmerge.merging._helpers import DeltaMethod, ScaledDelta, float_keys, one_thread, task_vector_blocks
 from taskmerge.merging._registry import HParam, MergeMethod, finite_float, register
 
 
 def sum_task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Σ_t (θ_t − θ0) for every floating-point key, block by block into one reused workspace (memory: T + 1
-    blocks, whatever T and key size)."""
-    total = {}
-    workspace = Workspace(len(finetuned) + 1)
+    """Σ_t (θ_t − θ0) for every floating-point key, block by block (memory: 2·(T + 1) blocks, whatever T and key
+    size; the next block is read while this one is summed)."""
+    keys = float_keys(pretrained)
+    total = {key: torch.empty(key_meta(pretrained, key)[1], dtype=key_meta(pretrained, key)[0]) for key in keys}
     with one_thread():
-        for key in float_keys(pretrained):
-            dtype, shape = key_meta(pretrained, key)
-            flat = torch.empty(math.prod(shape), dtype=dtype)
-            for start, stop in chunk_bounds(flat.numel()):
-                block = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop, workspace)
-                torch.sum(block, 0, out=flat[start:stop])
-            total[key] = flat.view(shape)
+        for key, start, stop, stack in task_vector_blocks(pretrained, finetuned, keys):
+            torch.sum(stack, 0, out=total[key].view(-1)[start:stop])
     return total
 
 

@@ -18,14 +18,14 @@ fraction).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from taskmerge.merging._checks import key_meta
-from taskmerge.merging._helpers import (DeltaMethod, Workspace, chunk_bounds, interval, number_in, one_of, one_thread,
-                                         sorted_float_keys, stacked_task_vector_chunk)
+from taskmerge.merging._helpers import DeltaMethod, interval, number_in, one_of, one_thread, sorted_float_keys, task_vector_blocks
 from taskmerge.merging._registry import HParam, finite_float, register
 
 
@@ -46,18 +46,25 @@ def trim_thresholds(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[
     dtype = torch.float64 if any(dtype == torch.float64 for dtype, _ in metas) else torch.float32
     buffer = torch.empty(total, dtype=dtype)
     thresholds = torch.empty(len(finetuned), dtype=dtype)
-    workspace = Workspace(2)
+    offsets = dict(zip(keys, itertools.accumulate([0, *sizes[:-1]])))
     for index, model in enumerate(finetuned):
-        offset = 0
-        for key, size in zip(keys, sizes):
-            for start, stop in chunk_bounds(size):
-                block = stacked_task_vector_chunk(pretrained, [model], key, start, stop, workspace)[0]
-                torch.abs(block, out=buffer[offset + start:offset + stop])
-            offset += size
+        for key, start, stop, block in task_vector_blocks(pretrained, [model], keys):
+            torch.abs(block[0], out=buffer[offsets[key] + start:offsets[key] + stop])
         values = buffer.numpy()
         values.partition(kth - 1)
         thresholds[index] = float(values[kth - 1])
     return thresholds
+
+
+def trim(stack: torch.Tensor, thresholds: torch.Tensor) -> None:
+    """Zero, in place, the entries of each row below its threshold in magnitude (|τ| ≥ threshold are kept, as the
+    reference's mask). For float32/64, `hardshrink` at the float just below the threshold does it in one pass."""
+    if stack.dtype not in (torch.float32, torch.float64):
+        stack.mul_(torch.abs(stack) >= thresholds[:, None])
+        return
+    floors = torch.nextafter(thresholds, torch.tensor(-torch.inf, dtype=thresholds.dtype)).tolist()
+    for row, floor in zip(stack, floors):
+        torch.ops.aten.hardshrink.out(row, floor, out=row)
 
 
 def _aggregate(selected: torch.Tensor, agg: str) -> torch.Tensor:
@@ -70,7 +77,8 @@ def _aggregate(selected: torch.Tensor, agg: str) -> torch.Tensor:
 
 def ties_delta(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                keys: Sequence[str], k: float, agg: str) -> dict[str, torch.Tensor]:
-    """The unscaled TIES update for `keys` (sorted order), in one streaming pass over blocks of every key.
+    """The unscaled TIES update for `keys` (sorted order), in one streaming pass over blocks of every key (after
+    the thresholds' pass per task).
 
     The elected sign of a coordinate whose trimmed values sum to exactly 0 is the global majority sign,
     known only at the end: such coordinates are computed for majority +1 and, where the choice matters
@@ -80,28 +88,28 @@ def ties_delta(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mappi
     delta: dict[str, torch.Tensor] = {}
     alternatives: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     balance = 0
-    workspace = Workspace(len(finetuned) + 1)
-    for key in keys:
+    for key, start, stop, stack in task_vector_blocks(pretrained, finetuned, keys):
         dtype, shape = key_meta(pretrained, key)
-        flat = torch.empty(math.prod(shape), dtype=dtype)
-        for start, stop in chunk_bounds(flat.numel()):
-            stack = stacked_task_vector_chunk(pretrained, finetuned, key, start, stop, workspace)
-            if thresholds is not None:
-                stack.mul_(torch.abs(stack) >= thresholds.to(dtype)[:, None])
-            sign = torch.sign(stack.sum(dim=0))
-            balance += int(sign.sum(dtype=torch.float64))
-            # kept: the entries of the elected sign (+1 where the sum is 0), i.e. the reference's
-            # where(sign >= 0, stack > 0, stack < 0); they are exactly the non-zero selected entries it counts
-            kept = stack * (sign + (sign == 0)) > 0
-            torch.sum(stack * kept, 0, out=flat[start:stop])
-            if agg == "mean":
-                flat[start:stop] /= kept.sum(0, dtype=dtype).clamp_(min=1)
-            undecided = (sign == 0).nonzero().flatten()
-            open_sign = undecided[(stack[:, undecided] != 0).any(dim=0)] if undecided.numel() else undecided
-            if open_sign.numel():
-                negative = stack[:, open_sign]
-                alternatives.append((key, open_sign + start, _aggregate(negative * (negative < 0), agg)))
-        delta[key] = flat.view(shape)
+        if key not in delta:
+            delta[key] = torch.empty(shape, dtype=dtype)
+        flat = delta[key].view(-1)
+        if thresholds is not None:
+            trim(stack, thresholds.to(dtype))
+        sign = torch.sign(stack.sum(dim=0))
+        balance += int(sign.sum(dtype=torch.float64))
+        # the reference keeps the entries of the elected sign e (+1 where the sum is 0) and sums or averages them;
+        # with x·e exact and addition sign-symmetric, that is e·Σ relu(x·e), bit for bit, over count = Σ sign(relu(x·e))
+        elected = sign + (sign == 0)
+        agreeing = torch.mul(stack, elected).relu_()
+        total = agreeing.sum(dim=0)
+        if agg == "mean":
+            total /= torch.sign(agreeing).sum(dim=0).clamp_(min=1)
+        torch.mul(total, elected, out=flat[start:stop])
+        undecided = (sign == 0).nonzero().flatten()
+        open_sign = undecided[(stack[:, undecided] != 0).any(dim=0)] if undecided.numel() else undecided
+        if open_sign.numel():
+            negative = stack[:, open_sign]
+            alternatives.append((key, open_sign + start, _aggregate(negative * (negative < 0), agg)))
     if balance <= 0:
         for key, positions, values in alternatives:
             delta[key].view(-1)[positions] = values

@@ -48,11 +48,11 @@ from taskmerge.merging._spectral import leading_triplets, polar_columns, polar_r
 CPU_BATCH = 1  # task matrices decomposed together on the CPU (one bounds memory; elsewhere all T of a key)
 
 
-def _batches(matrices: Iterable[torch.Tensor], size: int | None) -> Iterator[list[torch.Tensor]]:
-    """The matrices in task order, `size` at a time (all at once for None)."""
+def _batches(matrices: Iterable[torch.Tensor], size: int | None, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    """The matrices in task order, moved to `device` one by one as read, `size` at a time (all at once for None)."""
     batch: list[torch.Tensor] = []
     for matrix in matrices:
-        batch.append(matrix)
+        batch.append(matrix.to(device))
         if size is not None and len(batch) == size:
             yield batch
             batch = []
@@ -65,13 +65,14 @@ def tsv_matrix(matrices: Iterable[torch.Tensor], fraction: float, device: torch.
     exactly 0 (no decomposition) when every task matrix is 0."""
     device = torch.device(device)
     lefts, sigmas, rights = [], [], []
-    for batch in _batches(matrices, CPU_BATCH if device.type == "cpu" else None):
-        stack = torch.stack(batch).to(device)
+    for batch in _batches(matrices, CPU_BATCH if device.type == "cpu" else None, device):
+        stack = torch.stack(batch)
+        del batch[:]
         rows, cols = stack.shape[-2:]
         keep = int(min(rows, cols) * fraction)
-        left = torch.zeros(len(batch), rows, keep, dtype=torch.float64, device=device)
-        sigma = torch.zeros(len(batch), keep, dtype=torch.float64, device=device)
-        right = torch.zeros(len(batch), keep, cols, dtype=torch.float64, device=device)
+        left = torch.zeros(len(stack), rows, keep, dtype=torch.float64, device=device)
+        sigma = torch.zeros(len(stack), keep, dtype=torch.float64, device=device)
+        right = torch.zeros(len(stack), keep, cols, dtype=torch.float64, device=device)
         changed = stack.flatten(1).count_nonzero(dim=1) > 0
         if keep and bool(changed.any()):
             left[changed], sigma[changed], right[changed] = leading_triplets(stack[changed], keep)

@@ -105,15 +105,19 @@ def run_child(code: str, args: list[str], env: dict[str, str]) -> dict[str, floa
             "rss": usage.ru_maxrss / 1024**2}
 
 
-def max_abs_difference(a: Path, b: Path) -> float:
-    """Largest |a − b| over every tensor of two safetensors files with the same keys."""
-    worst = 0.0
-    with safe_open(str(a), "pt") as left, safe_open(str(b), "pt") as right:
+def differences(a: Path, b: Path, base: Path) -> tuple[float, float]:
+    """(largest |a − b| over every float tensor, largest per-key ‖a − b‖ / ‖b − θ0‖): the second is merging.md §4's
+    relative error of the update, the meaningful one for the SVD methods."""
+    worst = relative = 0.0
+    with safe_open(str(a), "pt") as left, safe_open(str(b), "pt") as right, safe_open(str(base), "pt") as zero:
         for key in left.keys():
-            x, y = left.get_tensor(key), right.get_tensor(key)
+            x, y = left.get_tensor(key).double(), right.get_tensor(key).double()
             if x.is_floating_point() and x.numel():
-                worst = max(worst, float((x.double() - y.double()).abs().max()))
-    return worst
+                worst = max(worst, float((x - y).abs().max()))
+                change = float((y - zero.get_tensor(key).double()).norm())
+                if change > 0:
+                    relative = max(relative, float((x - y).norm()) / change)
+    return worst, relative
 
 
 def cat_seconds(paths: list[Path], repeats: int) -> float:
@@ -181,9 +185,9 @@ def main() -> None:
             if "peer" in medians:
                 peer = medians["peer"]
                 peer_peaks[method] = (tasks, peer["rss"])
-                difference = max_abs_difference(outputs["taskmerge"], outputs["peer"])
+                difference, relative = differences(outputs["taskmerge"], outputs["peer"], base)
                 rows.append(f"| {method} | {tasks} | {cell(ours)}{speed} | {cell(peer)} | {peer['merge_cpu'] / ours['merge_cpu']:.1f}× "
-                            f"| {peer['cpu'] / ours['cpu']:.1f}× | {peer['rss'] / ours['rss']:.1f}× | {difference:.1e} |")
+                            f"| {peer['cpu'] / ours['cpu']:.1f}× | {peer['rss'] / ours['rss']:.1f}× | {difference:.1e} / {relative:.1e} |")
             else:
                 rows.append(f"| {method} | {tasks} | {cell(ours)}{speed} | skipped: predicted {predicted:.1f} GB > "
                             f"{args.max_gb:g} GB | | | | |")

@@ -145,3 +145,20 @@ def test_svd_methods_on_cuda_equal_the_cpu(method):
     fts = [{"w": base["w"] + 0.01 * torch.randn(64, 48, generator=gen)} for _ in range(4)]
     cpu, cuda = (merging.merge(method, base, fts, device=device)["w"] for device in ("cpu", "cuda"))
     assert cuda.device.type == "cpu" and torch.allclose(cpu, cuda, rtol=0, atol=1e-6)
+
+
+def test_mapped_blocks_equal_positioned_reads(tmp_path):
+    """The zero-copy view of a block (file pages) holds the same values as a positioned read, for every dtype."""
+    from taskmerge import checkpoints
+
+    gen = torch.Generator().manual_seed(2)
+    tensors = {"a": torch.randn(1000, 3, generator=gen), "b": torch.randn(77, generator=gen, dtype=torch.float64),
+               "c": torch.randn(5, 9, generator=gen).to(torch.bfloat16), "s": torch.tensor(2.5), "i": torch.arange(10)}
+    lazy = checkpoints.LazyStateDict(checkpoints.save_state_dict(tmp_path / "m.safetensors", tensors))
+    for key, (start, stop) in {"a": (1, 2999), "b": (0, 77), "c": (40, 45), "s": (0, 1), "i": (3, 3)}.items():
+        with lazy.mapped_block(key, start, stop) as view:
+            assert torch.equal(view, lazy.read_flat(key, start, stop))
+            assert torch.equal(view, tensors[key].reshape(-1)[start:stop])
+    with pytest.raises(IndexError, match="outside its 77 elements"):
+        with lazy.mapped_block("b", 0, 78):
+            pass

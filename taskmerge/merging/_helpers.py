@@ -132,7 +132,8 @@ def stacked_task_vector_chunk(pretrained: Tensors, finetuned: Sequence[Tensors],
         base.copy_(read_flat(pretrained, key, start, stop))
     for index, model in enumerate(finetuned):
         if isinstance(model, LazyStateDict):
-            model.read_flat(key, start, stop, out=buffer[index]).sub_(base)
+            with model.mapped_block(key, start, stop) as block:
+                torch.sub(block, base, out=buffer[index])
         else:
             torch.sub(read_flat(model, key, start, stop), base, out=buffer[index])
     return buffer[:-1]

@@ -21,7 +21,9 @@ the merge itself (read + merge + write, after the imports, `time.process_time` i
 seconds of the whole process (interpreter and `import torch` included: ≈3 CPU-s here for either library), and peak
 RSS (`wait4`). A peer configuration whose peak RSS, extrapolated from a smaller T measured in the same run by
 (T + 1) / (T_measured + 1), would exceed `--max-gb` is skipped and marked. `cat` of the same T + 1 files gives the
-read speed of the page cache, against which TA's and TIES's merge time is put as MB/s.
+read speed of the page cache, against which TA's and TIES's merge time is put as MB/s. `--baseline DIR` runs an
+older taskmerge checkout as a third implementation (`git worktree add DIR <commit>`), for before/after figures from
+the same run.
 """
 
 from __future__ import annotations
@@ -141,13 +143,17 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=16.0, help="skip peer runs predicted to need more peak RSS")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TASKMERGE_BENCH_DIR", "/tmp/taskmerge-bench")))
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--baseline", type=Path, help="an older taskmerge checkout, run as a third implementation "
+                        "('before' numbers in the same run)")
+    parser.add_argument("--baseline-repeats", type=int, default=1)
     args = parser.parse_args()
     if not (args.peer / "fusion_bench").is_dir():
         parser.error(f"--peer {args.peer}: no fusion_bench package there; install it as the docstring says")
 
     here = Path(__file__).resolve().parents[1]
-    ours_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
-    peer_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.peer), os.environ.get("PYTHONPATH", "")])}
+    path = lambda folder: {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    envs = {"taskmerge": path(here), "peer": path(args.peer), "before": path(args.baseline)}
+    repeats = {"taskmerge": args.repeats, "peer": args.repeats, "before": args.baseline_repeats if args.baseline else 0}
     base, finetuned = make_checkpoints(args.model, max(args.tasks), args.workdir)
     print(f"# {args.model}: {os.cpu_count()} cores, {args.threads} torch threads, load average "
           f"{'/'.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
@@ -157,23 +163,23 @@ def main() -> None:
         files = [base, *finetuned[:tasks]]
         megabytes = sum(p.stat().st_size for p in files) / 2**20
         cat_s = cat_seconds(files, args.repeats)
-        rows.append(f"| cat of the {tasks + 1} files | {tasks} | {cat_s:.2f} s wall, {megabytes / cat_s:,.0f} MB/s | | | | | |")
+        rows.append(f"| cat of the {tasks + 1} files | {tasks} | {cat_s:.2f} s wall, {megabytes / cat_s:,.0f} MB/s | | | | | |"
+                    + (" | |" if args.baseline else ""))
         for method in args.methods:
-            runs: dict[str, list[dict[str, float]]] = {"taskmerge": [], "peer": []}
+            runs: dict[str, list[dict[str, float]]] = {"taskmerge": [], "peer": [], "before": []}
             outputs = {name: args.workdir / f"out-{name}-{method}-{tasks}.safetensors" for name in runs}
             predicted = None
             if method in peer_peaks:
                 known_tasks, known_peak = peer_peaks[method]
                 predicted = known_peak * (tasks + 1) / (known_tasks + 1)
             skip_peer = predicted is not None and predicted > args.max_gb
-            for repeat in range(args.repeats):
-                order = ["taskmerge", "peer"] if repeat % 2 == 0 else ["peer", "taskmerge"]
+            for repeat in range(max(repeats.values())):
+                order = ["taskmerge", "peer", "before"] if repeat % 2 == 0 else ["before", "peer", "taskmerge"]
                 for name in order:
-                    if name == "peer" and skip_peer:
+                    if repeat >= repeats[name] or (name == "peer" and skip_peer):
                         continue
-                    code = (OURS if name == "taskmerge" else PEER).format(threads=args.threads, exclude=EXCLUDE)
-                    env = ours_env if name == "taskmerge" else peer_env
-                    result = run_child(code, [method, str(outputs[name]), *map(str, files)], env)
+                    code = (PEER if name == "peer" else OURS).format(threads=args.threads, exclude=EXCLUDE)
+                    result = run_child(code, [method, str(outputs[name]), *map(str, files)], envs[name])
                     runs[name].append(result)
                     records.append({"method": method, "tasks": tasks, "impl": name, **result})
                     print(f"{method} T={tasks} {name}: {json.dumps({k: round(v, 2) for k, v in result.items()})}", flush=True)
@@ -182,20 +188,24 @@ def main() -> None:
             ours = medians["taskmerge"]
             speed = f", {megabytes / ours['merge_cpu']:,.0f} MB/s" if method in ("ta", "ties") else ""
             cell = lambda m: f"{m['merge_cpu']:.2f} / {m['cpu']:.2f} / {m['wall']:.2f} / {m['rss']:.2f}"
+            before = (f" | {cell(medians['before'])} | {medians['before']['merge_cpu'] / ours['merge_cpu']:.1f}×"
+                      if "before" in medians else "")
             if "peer" in medians:
                 peer = medians["peer"]
                 peer_peaks[method] = (tasks, peer["rss"])
                 difference, relative = differences(outputs["taskmerge"], outputs["peer"], base)
                 rows.append(f"| {method} | {tasks} | {cell(ours)}{speed} | {cell(peer)} | {peer['merge_cpu'] / ours['merge_cpu']:.1f}× "
-                            f"| {peer['cpu'] / ours['cpu']:.1f}× | {peer['rss'] / ours['rss']:.1f}× | {difference:.1e} / {relative:.1e} |")
+                            f"| {peer['cpu'] / ours['cpu']:.1f}× | {peer['rss'] / ours['rss']:.1f}× | {difference:.1e} / {relative:.1e}{before} |")
             else:
                 rows.append(f"| {method} | {tasks} | {cell(ours)}{speed} | skipped: predicted {predicted:.1f} GB > "
-                            f"{args.max_gb:g} GB | | | | |")
+                            f"{args.max_gb:g} GB | | | | |{before}")
             for path in outputs.values():
                 path.unlink(missing_ok=True)
 
     print("\n| method | T | taskmerge: merge CPU s / process CPU s / wall s / peak GB | peer: same | merge CPU ratio "
-          "| process CPU ratio | RSS ratio | max abs diff |\n|---|---|---|---|---|---|---|---|")
+          "| process CPU ratio | RSS ratio | max abs diff / max relative diff of the update |"
+          + (" before: same as taskmerge | merge CPU, before / now |" if args.baseline else "")
+          + "\n|---|---|---|---|---|---|---|---|" + ("---|---|" if args.baseline else ""))
     print("\n".join(rows))
     print(f"\nMedians of {args.repeats} alternated runs; load average at the end "
           f"{'/'.join(f'{v:.2f}' for v in os.getloadavg())}.")

@@ -221,16 +221,17 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return self._read_into(key, out, start)
 
     @contextmanager
-    def mapped_block(self, key: str, start: int, stop: int) -> Iterator[torch.Tensor]:
+    def mapped_block(self, key: str, start: int, stop: int, checked: bool = True) -> Iterator[torch.Tensor]:
         """Elements [start, stop) of the flattened tensor `key` as a view of the file's pages (no copy), checked
-        finite; the pages leave the process's resident set when the block ends (the OS keeps them cached).
+        finite unless the caller checks what it computes from them (`checked=False`); the pages leave the process's
+        resident set when the block ends (the OS keeps them cached).
 
         Reading through the page cache's own pages spares the copy a positioned read makes (about as costly as the
         arithmetic of a task-arithmetic merge); the view must not outlive the block."""
         dtype, shape = self.meta(key)
         if not 0 <= start <= stop <= math.prod(shape):
             raise IndexError(f"{key!r}: range [{start}, {stop}) outside its {math.prod(shape)} elements")
-        width = torch.empty((), dtype=dtype).element_size()
+        width = dtype.itemsize
         begin = self._offset + self._entries[key]["data_offsets"][0] + start * width
         length = (stop - start) * width
         if length == 0:
@@ -241,7 +242,8 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             raise OSError(f"{self.path}: truncated tensor {key!r}")
         view = torch.frombuffer(pages, dtype=dtype, count=stop - start, offset=begin)
         try:
-            check_finite(view, key, self.path)
+            if checked:
+                check_finite(view, key, self.path)
             yield view
         finally:
             del view

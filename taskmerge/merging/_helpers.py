@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import compress
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from abc import abstractmethod
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -117,26 +118,32 @@ class Workspace:
 
 def stacked_task_vector_chunk(pretrained: Tensors, finetuned: Sequence[Tensors], key: str, start: int, stop: int,
                               workspace: Workspace | None = None) -> torch.Tensor:
-    """`[T, stop − start]`: elements [start, stop) of τ_t[key] flattened, for every task; the base block is read
-    once and every fine-tuned block straight into the stack (memory: T + 1 blocks whatever the key size). With a
-    `workspace` of T + 1 rows the stack is a view of it, valid until the next call."""
+    """`[T, stop − start]`: elements [start, stop) of τ_t[key] flattened, for every task, each fine-tuned block
+    subtracted from the base block straight into the stack; files are read as views of their pages (memory: T
+    blocks whatever the key size). With a `workspace` of T rows the stack is a view of it, valid until the next call.
+    NaN/Inf in a file is found through the stack's sum (it reaches it) and then named by file and key."""
     dtype, width = key_meta(pretrained, key)[0], stop - start
-    rows = len(finetuned) + 1
+    rows = len(finetuned)
     if workspace is not None and workspace.rows != rows:
-        raise ValueError(f"workspace has {workspace.rows} rows, {rows} needed (T fine-tuned blocks and the base)")
-    buffer = workspace.stack(dtype, width) if workspace is not None else torch.empty((rows, width), dtype=dtype)
-    base = buffer[-1]
-    if isinstance(pretrained, LazyStateDict):
-        pretrained.read_flat(key, start, stop, out=base)
-    else:
-        base.copy_(read_flat(pretrained, key, start, stop))
-    for index, model in enumerate(finetuned):
-        if isinstance(model, LazyStateDict):
-            with model.mapped_block(key, start, stop) as block:
-                torch.sub(block, base, out=buffer[index])
+        raise ValueError(f"workspace has {workspace.rows} rows, {rows} needed (one per fine-tuned model)")
+    stack = workspace.stack(dtype, width) if workspace is not None else torch.empty((rows, width), dtype=dtype)
+    lazy = [isinstance(model, LazyStateDict) for model in finetuned]
+    with ExitStack() as blocks:
+        if isinstance(pretrained, LazyStateDict):
+            base = blocks.enter_context(pretrained.mapped_block(key, start, stop))
         else:
-            torch.sub(read_flat(model, key, start, stop), base, out=buffer[index])
-    return buffer[:-1]
+            base = read_flat(pretrained, key, start, stop)
+        for index, model in enumerate(finetuned):
+            if lazy[index]:
+                with model.mapped_block(key, start, stop, checked=False) as block:
+                    torch.sub(block, base, out=stack[index])
+            else:
+                torch.sub(read_flat(model, key, start, stop), base, out=stack[index])
+    if any(lazy) and width and not math.isfinite(float(stack.sum())):
+        for model in compress(finetuned, lazy):
+            with model.mapped_block(key, start, stop):  # checked: raises naming the file and key
+                pass
+    return stack
 
 
 def task_vector_blocks(pretrained: Tensors, finetuned: Sequence[Tensors],
@@ -146,7 +153,7 @@ def task_vector_blocks(pretrained: Tensors, finetuned: Sequence[Tensors],
     so a stream runs at the speed of the slower of reading and computing; two workspaces alternate, and a stack is
     valid until the caller asks for the next one."""
     plan = [(key, start, stop) for key in keys for start, stop in chunk_bounds(math.prod(key_meta(pretrained, key)[1]))]
-    spaces = (Workspace(len(finetuned) + 1), Workspace(len(finetuned) + 1))
+    spaces = (Workspace(len(finetuned)), Workspace(len(finetuned)))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskmerge-read") as reader:
         def read(index: int) -> Future:
             return reader.submit(stacked_task_vector_chunk, pretrained, finetuned, *plan[index], spaces[index % 2])

@@ -271,7 +271,17 @@ class ScaledDelta(PreparedMerge):
 
     def combine(self, alpha: float, **extra: Any) -> dict[str, torch.Tensor]:
         reject_extra(extra)
-        return {key: self.pretrained[key] + alpha * tau for key, tau in self.delta.items()}
+        return {key: self._apply(key, tau, alpha) for key, tau in self.delta.items()}
+
+    def _apply(self, key: str, tau: torch.Tensor, alpha: float) -> torch.Tensor:
+        """θ0[key] + α·τ as (α·τ) + θ0 (the same roundings) in one fresh tensor; a lazily loaded θ0 is added
+        from its file's pages, not copied first."""
+        out = torch.mul(tau, alpha, out=torch.empty(tau.shape, dtype=tau.dtype))
+        if isinstance(self.pretrained, LazyStateDict):
+            with self.pretrained.mapped_block(key, 0, out.numel()) as base:
+                out.view(-1).add_(base)
+            return out
+        return out.add_(self.pretrained[key])
 
 
 class DeltaMethod(MergeMethod):

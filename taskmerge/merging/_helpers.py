@@ -64,7 +64,12 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keyset:
             raise KeyError(key)
-        return self._finetuned[key] - self._pretrained[key]
+        shape = key_meta(self._pretrained, key)[1]
+        with ExitStack() as blocks:
+            finetuned, pretrained = (
+                blocks.enter_context(model.mapped_block(key, 0, math.prod(shape))).view(shape)
+                if isinstance(model, LazyStateDict) else model[key] for model in (self._finetuned, self._pretrained))
+            return finetuned - pretrained  # files are subtracted from their pages: no copy of either
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

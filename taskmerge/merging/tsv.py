@@ -73,7 +73,7 @@ def tsv_matrix(matrices: Iterable[torch.Tensor], fraction: float, device: torch.
         left = torch.zeros(len(stack), rows, keep, dtype=torch.float64, device=device)
         sigma = torch.zeros(len(stack), keep, dtype=torch.float64, device=device)
         right = torch.zeros(len(stack), keep, cols, dtype=torch.float64, device=device)
-        changed = stack.flatten(1).count_nonzero(dim=1) > 0
+        changed = stack.flatten(1).abs().amax(dim=1) > 0
         if keep and bool(changed.any()):
             left[changed], sigma[changed], right[changed] = leading_triplets(stack[changed], keep)
         lefts += list(left)

@@ -162,10 +162,11 @@ def check_finite(tensor: torch.Tensor, key: str, where: str | Path) -> None:
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
     """Read-only state dict over a safetensors file: each access reads one tensor (or one block of it) with a
-    positioned read, and checks that floating values are finite (`check_finite`, nearly free).
+    positioned read, or lends a block as a view of the file's pages (`mapped_block`), and checks that floating
+    values are finite (`check_finite`, nearly free).
 
-    Tensors are read into fresh process memory (or a caller's buffer) and released when dropped; nothing stays
-    mapped, so a merge that walks keys over T of these keeps its peak memory independent of T (the file pages
+    Read tensors are fresh process memory, released when dropped; lent pages leave the resident set when their
+    block ends. So a merge that walks keys over T of these keeps its peak memory independent of T (the file pages
     live in the OS cache, not in the process's resident set).
     """
 
@@ -207,18 +208,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         self._read_into(key, tensor.view(-1), 0)
         return tensor
 
-    def read_flat(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor `key`, reading only those bytes; into `out` (a contiguous
-        1-D buffer of that length and dtype, reused across blocks to spare fresh pages) when given."""
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor `key`, reading only those bytes."""
         dtype, shape = self.meta(key)
         numel = math.prod(shape)
         if not 0 <= start <= stop <= numel:
             raise IndexError(f"{key!r}: range [{start}, {stop}) outside its {numel} elements")
-        if out is None:
-            out = torch.empty(stop - start, dtype=dtype)
-        elif out.dtype != dtype or out.shape != (stop - start,) or not out.is_contiguous():
-            raise ValueError(f"{key!r}: buffer {out.dtype} {tuple(out.shape)} cannot hold [{start}, {stop}) of {dtype}")
-        return self._read_into(key, out, start)
+        return self._read_into(key, torch.empty(stop - start, dtype=dtype), start)
 
     @contextmanager
     def mapped_block(self, key: str, start: int, stop: int, checked: bool = True) -> Iterator[torch.Tensor]:

@@ -108,7 +108,7 @@ def chunk_bounds(numel: int) -> list[tuple[int, int]]:
 
 class Workspace:
     """Reusable block buffers, one per dtype, of `rows` × CHUNK elements: blocks read into them touch no fresh pages
-    (a fresh 4 MB block costs about as much in page faults as reading it from the page cache)."""
+    (fresh memory costs about as much in page faults as reading the same bytes from the page cache)."""
 
     def __init__(self, rows: int) -> None:
         self.rows = rows

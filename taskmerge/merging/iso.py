@@ -4,8 +4,10 @@ Reference: `danielm1405/iso-merging: src/utils/iso.py:iso_c, iso_cts`. Matrix ru
 size-1 dimensions, key not matching `exclude`, none by default). θ* = θ0 + α·Δ for all keys.
 
 Iso-C, per matrix key: M = (Σ_t τ_t / T)·T (the reference divides then multiplies), M = U diag(σ) Vᵀ,
-Δ = U diag(mean(σ)·1) Vᵀ (all r = min(m, n) singular values, no truncation). Non-matrices: Σ_t τ_t / T
-(left-to-right sum, then divide — not the running mean).
+Δ = U diag(mean(σ)·1) Vᵀ (all r = min(m, n) singular values, no truncation), computed as mean(σ)·M(MᵀM)^{+1/2}
+from a float64 eigendecomposition of the Gram matrix (`_spectral.isotropic`, on `device`), not an SVD; the task
+matrices are summed one at a time. Non-matrices: Σ_t τ_t / T (left-to-right sum, then divide — not the running
+mean).
 
 Iso-CTS, per matrix key, r = min(m, n), f = `common_fraction`:
 1. k_c = r − round((r − int(r·f))/T)·T (Python `round`, banker's rounding), n = (r − k_c)/T per task;
@@ -17,7 +19,7 @@ Iso-CTS, per matrix key, r = min(m, n), f = `common_fraction`:
 6. σ̂ ← mean(σ̂)·1, the mean over the task-specific AND the common singular values;
 7. Δ = multi_dot((U⊥, diag(σ̂), V⊥)).
 Non-matrices: running mean in task order (as TSV-M). With n = 0 (e.g. r = 50, T = 20) Iso-CTS is Iso-C on the
-top-r subspace. Every SVD happens in `prepare`.
+top-r subspace. Every decomposition happens in `prepare`.
 """
 
 from __future__ import annotations

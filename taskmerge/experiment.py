@@ -105,6 +105,8 @@ class CandidateMerger:
         self._post_merge = setting.post_merge
         known = merging.get_method(method).hparams if method in merging.available() else {}
         self._defaults = {k: v for k, v in setting.merge_defaults.items() if k in known}  # the setting's key rules
+        if "device" in known:  # methods that can decompose on a GPU do so where the run computes, unless method.device says
+            self._defaults["device"] = str(setting.device)
         self._fixed: dict[str, Any] | None = None
         self._prepared: merging.Prepared | None = None
 

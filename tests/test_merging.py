@@ -162,3 +162,21 @@ def test_mapped_blocks_equal_positioned_reads(tmp_path):
     with pytest.raises(IndexError, match="outside its 77 elements"):
         with lazy.mapped_block("b", 0, 78):
             pass
+
+
+def test_run_device_reaches_the_methods_that_take_one(monkeypatch):
+    """A run's `device` becomes the default `device` of methods that have one (TSV, Iso-C decompose there);
+    method.device, when set, wins; methods without the option never receive it."""
+    from types import SimpleNamespace
+
+    from taskmerge.experiment import CandidateMerger, Setting, StageTimer
+
+    seen = []
+    monkeypatch.setattr(merging, "prepare", lambda method, base, fts, **fixed: seen.append(fixed) or SimpleNamespace(merge=lambda **_: {}))
+    zoo = SimpleNamespace(base={}, finetuned={"a": {}, "b": {}})
+    setting = Setting(tasks=[SimpleNamespace(name="a"), SimpleNamespace(name="b")], zoo=zoo, encoder_spec={},
+                      device=torch.device("cuda:3"))
+    CandidateMerger("tsv", setting, StageTimer())({"alpha": 1.0})
+    CandidateMerger("iso_c", setting, StageTimer())({"alpha": 1.0, "device": "cpu"})
+    CandidateMerger("ta", setting, StageTimer())({"alpha": 1.0})
+    assert [fixed.get("device") for fixed in seen] == ["cuda:3", "cpu", None]

@@ -196,16 +196,6 @@ def is_matrix(key: str, shape: Sequence[int], exclude: str | None = None) -> boo
     return sum(1 for size in shape if size != 1) == 2
 
 
-def merged_matrix(merge: Callable[[list[torch.Tensor]], torch.Tensor], matrices: list[torch.Tensor],
-                  shape: Sequence[int]) -> torch.Tensor:
-    """`merge(matrices)` reshaped to `shape`, or zeros when every task matrix is zero: TSV-M, Iso-C and Iso-CTS
-    return exactly 0 there (all singular values are 0), so the SVDs of e.g. CLIP's unchanged 49408×512 text
-    token embedding are skipped."""
-    if all(matrix.count_nonzero() == 0 for matrix in matrices):
-        return torch.zeros(shape, dtype=matrices[0].dtype)
-    return merge(matrices).reshape(shape)
-
-
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """The 2-D view of a tensor that `is_matrix` accepted (size-1 dimensions dropped)."""
     return tensor.reshape([size for size in tensor.shape if size != 1])
@@ -232,29 +222,6 @@ def python_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     if total is None:
         raise ValueError("python_sum of no tensors")
     return total
-
-
-class SVDBlocks:
-    """Zero-initialised buffers Û (m×width), σ̂ (width), V̂ᵀ (width×n) into which the leading singular triplets
-    of several matrices are written block by block (TSV-M, Iso-CTS)."""
-
-    def __init__(self, rows: int, cols: int, width: int, like: torch.Tensor) -> None:
-        self.u = torch.zeros(rows, width, dtype=like.dtype, device=like.device)
-        self.s = torch.zeros(width, dtype=like.dtype, device=like.device)
-        self.vh = torch.zeros(width, cols, dtype=like.dtype, device=like.device)
-
-    def put(self, start: int, count: int, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
-        """Write the first `count` triplets of (u, s, vh) at positions [start, start + count)."""
-        self.u[:, start:start + count] = u[:, :count]
-        self.s[start:start + count] = s[:count]
-        self.vh[start:start + count, :] = vh[:count, :]
-
-
-def polar_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, Q) from the thin SVD `matrix = P Σ Q`; their product P Q is the orthogonal polar factor (the nearest
-    matrix with orthonormal columns/rows). Returned as two factors so callers can multiply them as the reference."""
-    p, _, q = torch.linalg.svd(matrix, full_matrices=False)
-    return p, q
 
 
 # -------------------------------------------------------------------------------- prepared states

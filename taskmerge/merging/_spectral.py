@@ -14,6 +14,11 @@ finer than the reference's float32 SVD (~1e-7 σ_max). Directions of singular va
 are noise in either: they become zero vectors here (the reference's are arbitrary orthonormal completions).
 Tall matrices go through float64 in blocks of `ROWS` rows, so the 49408-row token embedding never exists in
 float64 whole.
+
+That holds for float32 and narrower task matrices, the ones releases hold. Float64 ones (`by_svd`) are decomposed
+by float64 SVDs instead, the reference's own algorithm: squaring their spectrum would lose half of float64's
+precision (a synthetic float64 TSV-M draw differed from the reference by 3e-7 relative through Gram matrices, by
+1e-13 through SVDs). Every function takes `by_svd`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ import torch
 
 ROWS = 1 << 13
 RELATIVE_FLOOR = 1e-7
+
+
+def by_svd(dtype: torch.dtype) -> bool:
+    """Whether task matrices of `dtype` are decomposed by SVDs (float64) rather than through Gram matrices."""
+    return dtype == torch.float64
+
+
+def _svd_polar(stack: torch.Tensor) -> torch.Tensor:
+    """P Q from the thin SVD `stack = P Σ Q` (float64): the reference's polar factor."""
+    p, _, q = torch.linalg.svd(stack.double(), full_matrices=False)
+    return p @ q
 
 
 def _rows(stack: torch.Tensor):
@@ -43,10 +59,13 @@ def _times(stack: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.cat([block @ right for block in _rows(stack)], dim=-2)
 
 
-def leading_triplets(stack: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def leading_triplets(stack: torch.Tensor, k: int, by_svd: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u …×m×k, σ …×k, vᵀ …×k×n) in float64: the k leading singular triplets of a matrix or of each matrix of a
     stack (one batched `eigh`), σ descending, from the r×r Gram matrices. Triplets with σ ≤ RELATIVE_FLOOR·σ_max
     are zero."""
+    if by_svd:
+        u, sigma, vh = torch.linalg.svd(stack.double(), full_matrices=False)
+        return u[..., :k], sigma[..., :k], vh[..., :k, :]
     tall = stack.shape[-2] >= stack.shape[-1]
     side = stack if tall else stack.mT  # side is tall: its Gram matrix is r×r
     values, vectors = torch.linalg.eigh(gram(side))
@@ -67,19 +86,26 @@ def _inverse_sqrt(values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return (vectors * scale) @ vectors.T
 
 
-def polar_columns(stack: torch.Tensor) -> torch.Tensor:
+def polar_columns(stack: torch.Tensor, by_svd: bool = False) -> torch.Tensor:
     """The polar factor A (AᵀA)^{+1/2} of A = `stack` (m×s, float64): orthonormal columns on A's range."""
+    if by_svd:
+        return _svd_polar(stack)
     return stack @ _inverse_sqrt(*torch.linalg.eigh(stack.T @ stack))
 
 
-def polar_rows(stack: torch.Tensor) -> torch.Tensor:
+def polar_rows(stack: torch.Tensor, by_svd: bool = False) -> torch.Tensor:
     """The polar factor (BBᵀ)^{+1/2} B of B = `stack` (s×n, float64): orthonormal rows on B's row space."""
+    if by_svd:
+        return _svd_polar(stack)
     return _inverse_sqrt(*torch.linalg.eigh(stack @ stack.T)) @ stack
 
 
-def isotropic(matrix: torch.Tensor) -> torch.Tensor:
+def isotropic(matrix: torch.Tensor, by_svd: bool = False) -> torch.Tensor:
     """mean(σ)·U Vᵀ of `matrix` in float64 (Iso-C: every singular value replaced by their mean, all r of them),
     from one eigendecomposition of its Gram matrix: U Vᵀ is its polar factor."""
+    if by_svd:
+        u, sigma, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return sigma.mean() * u @ vh
     tall = matrix.shape[0] >= matrix.shape[1]
     side = matrix if tall else matrix.T
     values, vectors = torch.linalg.eigh(gram(side))

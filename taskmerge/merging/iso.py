@@ -5,26 +5,33 @@ size-1 dimensions, key not matching `exclude`, none by default). θ* = θ0 + α�
 
 Iso-C, per matrix key: M = (Σ_t τ_t / T)·T (the reference divides then multiplies), M = U diag(σ) Vᵀ,
 Δ = U diag(mean(σ)·1) Vᵀ (all r = min(m, n) singular values, no truncation), computed as mean(σ)·M(MᵀM)^{+1/2}
-from a float64 eigendecomposition of the Gram matrix (`_spectral.isotropic`, on `device`), not an SVD; the task
-matrices are summed one at a time. Non-matrices: Σ_t τ_t / T (left-to-right sum, then divide — not the running
-mean).
+from a float64 eigendecomposition of the Gram matrix (`_spectral.isotropic`, on `device`; float64 matrices: an
+SVD, `_spectral.by_svd`); the task matrices are summed one at a time. Non-matrices: Σ_t τ_t / T (left-to-right
+sum, then divide — not the running mean).
 
 Iso-CTS, per matrix key, r = min(m, n), f = `common_fraction`:
 1. k_c = r − round((r − int(r·f))/T)·T (Python `round`, banker's rounding), n = (r − k_c)/T per task;
-2. W = Σ_t τ_t, U, σ, Vᵀ = svd(W); the common subspace is its first k_c triplets;
-3. per task: W_t^ts = W_t − (U_c U_cᵀ) W_t, svd, its top-n triplets go to block t ([t·n, (t+1)·n)) of zero
-   buffers Û (m×r), σ̂ (r), V̂ᵀ (r×n);
+2. W = Σ_t τ_t (left to right), its first k_c singular triplets are the common subspace U_c, σ_c, V_cᵀ;
+3. per task: W_t^ts = W_t − U_c U_cᵀ W_t, its top-n triplets go to block t ([t·n, (t+1)·n)) of Û (m×r), σ̂ (r),
+   V̂ᵀ (r×n);
 4. the k_c common triplets go AFTER the task blocks, at [T·n, T·n + k_c);
-5. polar factors: U⊥ = P Q of Û, V⊥ = R S of V̂ᵀ;
+5. polar factors: U⊥ of Û, V⊥ of V̂ᵀ;
 6. σ̂ ← mean(σ̂)·1, the mean over the task-specific AND the common singular values;
-7. Δ = multi_dot((U⊥, diag(σ̂), V⊥)).
+7. Δ = U⊥ diag(σ̂) V⊥.
 Non-matrices: running mean in task order (as TSV-M). With n = 0 (e.g. r = 50, T = 20) Iso-CTS is Iso-C on the
 top-r subspace. Every decomposition happens in `prepare`.
+
+As for TSV-M, the triplets and polar factors come from float64 eigendecompositions of r×r Gram matrices
+(`_spectral`; float64 matrices: SVDs), not float32 SVDs, on `device`; the reference's projector (U_c U_cᵀ) W is applied as U_c (U_cᵀ W),
+equal up to rounding without the m×m matrix (9.8 GB for the token embedding). Task matrices are read one at a time,
+twice (for the sum, then for the task-specific parts). One difference, where Û or V̂ᵀ is rank-deficient (a task
+matrix of rank below n): the reference's polar factor completes the missing directions arbitrarily (whatever its
+SVD returns) and step 6 gives them weight mean(σ̂); here they are zero.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -32,21 +39,18 @@ from taskmerge.merging._checks import key_meta
 from taskmerge.merging._helpers import (
     DEVICE,
     DeltaMethod,
-    SVDBlocks,
     as_matrix,
     float_keys,
-    merged_matrix,
     interval,
     is_matrix,
     number_in,
-    polar_factors,
     python_sum,
     regex_or_none,
     running_mean,
     task_vectors,
 )
 from taskmerge.merging._registry import HParam, finite_float, register
-from taskmerge.merging._spectral import isotropic
+from taskmerge.merging._spectral import by_svd, isotropic, leading_triplets, polar_columns, polar_rows
 
 _ALPHA = HParam(1.0, finite_float, "a finite number (scaling coefficient)")
 _EXCLUDE = HParam(None, regex_or_none, "a regular expression or null (keys never treated as matrices)")
@@ -59,7 +63,7 @@ def iso_c_matrix(total: torch.Tensor, num_tasks: int, device: torch.device | str
     merged *= num_tasks
     if not bool(merged.any()):
         return torch.zeros_like(merged)
-    return isotropic(merged.to(device)).to("cpu", merged.dtype)
+    return isotropic(merged.to(device), by_svd(merged.dtype)).to("cpu", merged.dtype)
 
 
 def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -74,38 +78,30 @@ def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[in
     return common, int((rank - common) / num_tasks)
 
 
-PROJECTOR_LIMIT = 1 << 26
-
-
-def project(basis: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """U_c U_cᵀ W, evaluated as the reference does, `(U_c @ U_c.T) @ W`, unless that m×m projector would
-    exceed `PROJECTOR_LIMIT` elements (e.g. the 49408-row token embedding: 9.8 GB): then `U_c @ (U_c.T @ W)`,
-    equal up to float rounding."""
-    rows = basis.shape[0]
-    if rows * rows <= PROJECTOR_LIMIT:
-        return basis @ basis.T @ matrix
-    return basis @ (basis.T @ matrix)
-
-
-def iso_cts_matrix(matrices: Sequence[torch.Tensor], common_fraction: float) -> torch.Tensor:
-    """Iso-CTS of the task matrices (task order)."""
-    num_tasks = len(matrices)
-    rows, cols = matrices[0].shape
-    rank = min(rows, cols)
-    common, per_task = iso_cts_split(rank, num_tasks, common_fraction)
-    u, s, vh = torch.linalg.svd(python_sum(matrices), full_matrices=False)
-    u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common, :]
-    blocks = SVDBlocks(rows, cols, rank, matrices[0])
-    if per_task > 0:
-        for i, matrix in enumerate(matrices):
-            residual = matrix - project(u_c, matrix)
-            u_ts, s_ts, vh_ts = torch.linalg.svd(residual, full_matrices=False)
-            blocks.put(i * per_task, per_task, u_ts, s_ts, vh_ts)
-    blocks.put(num_tasks * per_task, common, u_c, s_c, vh_c)
-    p_u, q_u = polar_factors(blocks.u)
-    p_v, q_v = polar_factors(blocks.vh)
-    sigma = torch.ones_like(blocks.s) * blocks.s.mean()
-    return torch.linalg.multi_dot((p_u @ q_u, torch.diag(sigma), p_v @ q_v))
+def iso_cts_matrix(matrices: Callable[[], Iterable[torch.Tensor]], common_fraction: float,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Iso-CTS of the task matrices that `matrices()` yields in task order (called twice, one matrix held at a time);
+    exactly 0 (no decomposition) when every task matrix is 0."""
+    device = torch.device(device)
+    total, changed, num_tasks = None, False, 0
+    for matrix in matrices():
+        total = matrix.clone() if total is None else total.add_(matrix)
+        changed, num_tasks = changed or bool(matrix.any()), num_tasks + 1
+    if total is None:
+        raise ValueError("iso_cts_matrix of no task matrices")
+    if not changed:
+        return torch.zeros_like(total)
+    common, per_task = iso_cts_split(min(total.shape), num_tasks, common_fraction)
+    svd = by_svd(total.dtype)
+    u_c, s_c, vh_c = leading_triplets(total.to(device), common, svd)
+    lefts, sigmas, rights = [], [], []
+    for matrix in matrices() if per_task > 0 else ():
+        task = matrix.to(device, torch.float64)
+        left, sigma, right = leading_triplets(task - u_c @ (u_c.T @ task), per_task, svd)
+        lefts.append(left), sigmas.append(sigma), rights.append(right)
+    sigma = torch.cat([*sigmas, s_c]).mean()
+    delta = sigma * polar_columns(torch.cat([*lefts, u_c], dim=1), svd) @ polar_rows(torch.cat([*rights, vh_c]), svd)
+    return delta.to("cpu", total.dtype)
 
 
 @register
@@ -138,16 +134,18 @@ class IsoCTS(DeltaMethod):
         "alpha": _ALPHA,
         "common_fraction": HParam(0.8, number_in(0, 1), interval(0, 1) + " (fraction of the rank given to the common subspace)"),
         "exclude": _EXCLUDE,
+        "device": DEVICE,
     }
-    prepare_hparams = ("common_fraction", "exclude")
+    prepare_hparams = ("common_fraction", "exclude", "device")
 
-    def delta(self, pretrained, finetuned, *, common_fraction: float, exclude: str | None, **_: Any):
+    def delta(self, pretrained, finetuned, *, common_fraction: float, exclude: str | None, device: str, **_: Any):
         vectors = task_vectors(pretrained, finetuned)
         delta = {}
         for key in float_keys(pretrained):
-            if is_matrix(key, key_meta(pretrained, key)[1], exclude):
-                matrices = [as_matrix(vector[key]) for vector in vectors]
-                delta[key] = merged_matrix(lambda ms: iso_cts_matrix(ms, common_fraction), matrices, key_meta(pretrained, key)[1])
+            shape = key_meta(pretrained, key)[1]
+            if is_matrix(key, shape, exclude):
+                matrices = lambda key=key: (as_matrix(vector[key]) for vector in vectors)  # noqa: E731 (read twice)
+                delta[key] = iso_cts_matrix(matrices, common_fraction, device).reshape(shape)
             else:
                 delta[key] = running_mean(vector[key] for vector in vectors)
         return delta

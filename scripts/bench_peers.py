@@ -12,8 +12,9 @@ library"):
 
 Peer calls: TA `state_dict_sub` / `state_dict_add` / `state_dict_mul`; TIES `ties_merging_utils.state_dict_to_vector`
 + `ties_merging(reset_thresh=20, merge_func="mean")` + `vector_to_state_dict`; TSV
-`TSVM_utils.compute_and_sum_svd_mem_reduction`; Iso-C `iso_utils.iso_c`; both on the CPU, `text_projection`
-excluded from the SVD methods' matrices as in the reference. The peer has no STAR. Checkpoints are loaded whole with
+`TSVM_utils.compute_and_sum_svd_mem_reduction`; Iso-C `iso_utils.iso_c`; Iso-CTS `iso_utils.iso_cts`
+(common_space_fraction 0.8, our default); all on the CPU, `text_projection` excluded from the SVD methods' matrices
+as in the reference. The peer has no STAR. Checkpoints are loaded whole with
 `safetensors.torch.load_file`, as a peer user would. Every merge uses α = 1.
 
 Per (method, T) both implementations alternate, `--repeats` times, and the table gives medians of: CPU seconds of
@@ -42,7 +43,7 @@ from safetensors import safe_open
 
 from bench_merge import make_checkpoints
 
-METHODS = ("ta", "ties", "tsv", "iso_c")
+METHODS = ("ta", "ties", "tsv", "iso_c", "iso_cts")
 EXCLUDE = "text_projection"  # the reference's matrix exclusion (CLIP setting)
 
 PRELUDE = """
@@ -83,6 +84,10 @@ elif method == "tsv":
 elif method == "iso_c":
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c
     delta = iso_c(vectors, accelerator="cpu", exclude_keys=[k for k in pretrained if "{exclude}" in k])
+elif method == "iso_cts":
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_cts
+    delta = iso_cts(vectors, common_space_fraction=0.8, accelerator="cpu",
+                    exclude_keys=[k for k in pretrained if "{exclude}" in k])
 merged = state_dict_add(pretrained, state_dict_mul(delta, 1.0))
 save_file({{k: v.contiguous() for k, v in merged.items()}}, out)
 print(json.dumps({{"merge_cpu": time.process_time() - start}}))
@@ -173,13 +178,21 @@ def main() -> None:
                 known_tasks, known_peak = peer_peaks[method]
                 predicted = known_peak * (tasks + 1) / (known_tasks + 1)
             skip_peer = predicted is not None and predicted > args.max_gb
+            failure = None
             for repeat in range(max(repeats.values())):
                 order = ["taskmerge", "peer", "before"] if repeat % 2 == 0 else ["before", "peer", "taskmerge"]
                 for name in order:
-                    if repeat >= repeats[name] or (name == "peer" and skip_peer):
+                    if repeat >= repeats[name] or (name == "peer" and (skip_peer or failure)):
                         continue
                     code = (PEER if name == "peer" else OURS).format(threads=args.threads, exclude=EXCLUDE)
-                    result = run_child(code, [method, str(outputs[name]), *map(str, files)], envs[name])
+                    try:
+                        result = run_child(code, [method, str(outputs[name]), *map(str, files)], envs[name])
+                    except RuntimeError as error:
+                        if name != "peer":
+                            raise
+                        failure = str(error).strip().splitlines()[-1][:120]
+                        print(f"{method} T={tasks} peer failed: {failure}", flush=True)
+                        continue
                     runs[name].append(result)
                     records.append({"method": method, "tasks": tasks, "impl": name, **result})
                     print(f"{method} T={tasks} {name}: {json.dumps({k: round(v, 2) for k, v in result.items()})}", flush=True)
@@ -197,8 +210,9 @@ def main() -> None:
                 rows.append(f"| {method} | {tasks} | {cell(ours)}{speed} | {cell(peer)} | {peer['merge_cpu'] / ours['merge_cpu']:.1f}× "
                             f"| {peer['cpu'] / ours['cpu']:.1f}× | {peer['rss'] / ours['rss']:.1f}× | {difference:.1e} / {relative:.1e}{before} |")
             else:
-                rows.append(f"| {method} | {tasks} | {cell(ours)}{speed} | skipped: predicted {predicted:.1f} GB > "
-                            f"{args.max_gb:g} GB | | | | |{before}")
+                why = (f"failed: {failure}" if failure else
+                       f"skipped: predicted {predicted:.1f} GB > {args.max_gb:g} GB")
+                rows.append(f"| {method} | {tasks} | {cell(ours)}{speed} | {why} | | | | |{before}")
             for path in outputs.values():
                 path.unlink(missing_ok=True)
 

@@ -165,7 +165,7 @@ def test_mapped_blocks_equal_positioned_reads(tmp_path):
 
 
 def test_run_device_reaches_the_methods_that_take_one(monkeypatch):
-    """A run's `device` becomes the default `device` of methods that have one (TSV, Iso-C decompose there);
+    """A run's `device` becomes the default `device` of methods that have one (TSV, Iso-C, Iso-CTS decompose there);
     method.device, when set, wins; methods without the option never receive it."""
     from types import SimpleNamespace
 
@@ -178,5 +178,6 @@ def test_run_device_reaches_the_methods_that_take_one(monkeypatch):
                       device=torch.device("cuda:3"))
     CandidateMerger("tsv", setting, StageTimer())({"alpha": 1.0})
     CandidateMerger("iso_c", setting, StageTimer())({"alpha": 1.0, "device": "cpu"})
+    CandidateMerger("iso_cts", setting, StageTimer())({"alpha": 1.0})
     CandidateMerger("ta", setting, StageTimer())({"alpha": 1.0})
-    assert [fixed.get("device") for fixed in seen] == ["cuda:3", "cpu", None]
+    assert [fixed.get("device") for fixed in seen] == ["cuda:3", "cpu", "cuda:3", None]

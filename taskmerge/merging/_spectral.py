@@ -15,7 +15,7 @@ are noise in either: they become zero vectors here (the reference's are arbitrar
 Tall matrices go through float64 in blocks of `ROWS` rows, so the 49408-row token embedding never exists in
 float64 whole.
 
-That holds for float32 and narrower task matrices, the ones releases hold. Float64 ones (`by_svd`) are decomposed
+That holds for float32 and narrower task matrices, the ones releases hold. Float64 ones (`uses_svd`) are decomposed
 by float64 SVDs instead, the reference's own algorithm: squaring their spectrum would lose half of float64's
 precision (a synthetic float64 TSV-M draw differed from the reference by 3e-7 relative through Gram matrices, by
 1e-13 through SVDs). Every function takes `by_svd`.
@@ -29,7 +29,7 @@ ROWS = 1 << 13
 RELATIVE_FLOOR = 1e-7
 
 
-def by_svd(dtype: torch.dtype) -> bool:
+def uses_svd(dtype: torch.dtype) -> bool:
     """Whether task matrices of `dtype` are decomposed by SVDs (float64) rather than through Gram matrices."""
     return dtype == torch.float64
 

@@ -6,7 +6,7 @@ size-1 dimensions, key not matching `exclude`, none by default). θ* = θ0 + α�
 Iso-C, per matrix key: M = (Σ_t τ_t / T)·T (the reference divides then multiplies), M = U diag(σ) Vᵀ,
 Δ = U diag(mean(σ)·1) Vᵀ (all r = min(m, n) singular values, no truncation), computed as mean(σ)·M(MᵀM)^{+1/2}
 from a float64 eigendecomposition of the Gram matrix (`_spectral.isotropic`, on `device`; float64 matrices: an
-SVD, `_spectral.by_svd`); the task matrices are summed one at a time. Non-matrices: Σ_t τ_t / T (left-to-right
+SVD, `_spectral.uses_svd`); the task matrices are summed one at a time. Non-matrices: Σ_t τ_t / T (left-to-right
 sum, then divide — not the running mean).
 
 Iso-CTS, per matrix key, r = min(m, n), f = `common_fraction`:
@@ -50,7 +50,7 @@ from taskmerge.merging._helpers import (
     task_vectors,
 )
 from taskmerge.merging._registry import HParam, finite_float, register
-from taskmerge.merging._spectral import by_svd, isotropic, leading_triplets, polar_columns, polar_rows
+from taskmerge.merging._spectral import isotropic, leading_triplets, polar_columns, polar_rows, uses_svd
 
 _ALPHA = HParam(1.0, finite_float, "a finite number (scaling coefficient)")
 _EXCLUDE = HParam(None, regex_or_none, "a regular expression or null (keys never treated as matrices)")
@@ -63,7 +63,7 @@ def iso_c_matrix(total: torch.Tensor, num_tasks: int, device: torch.device | str
     merged *= num_tasks
     if not bool(merged.any()):
         return torch.zeros_like(merged)
-    return isotropic(merged.to(device), by_svd(merged.dtype)).to("cpu", merged.dtype)
+    return isotropic(merged.to(device), uses_svd(merged.dtype)).to("cpu", merged.dtype)
 
 
 def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -92,15 +92,14 @@ def iso_cts_matrix(matrices: Callable[[], Iterable[torch.Tensor]], common_fracti
     if not changed:
         return torch.zeros_like(total)
     common, per_task = iso_cts_split(min(total.shape), num_tasks, common_fraction)
-    svd = by_svd(total.dtype)
+    svd = uses_svd(total.dtype)
     u_c, s_c, vh_c = leading_triplets(total.to(device), common, svd)
-    lefts, sigmas, rights = [], [], []
+    blocks = [(u_c, s_c, vh_c)]  # the task blocks go before the common one
     for matrix in matrices() if per_task > 0 else ():
         task = matrix.to(device, torch.float64)
-        left, sigma, right = leading_triplets(task - u_c @ (u_c.T @ task), per_task, svd)
-        lefts.append(left), sigmas.append(sigma), rights.append(right)
-    sigma = torch.cat([*sigmas, s_c]).mean()
-    delta = sigma * polar_columns(torch.cat([*lefts, u_c], dim=1), svd) @ polar_rows(torch.cat([*rights, vh_c]), svd)
+        blocks.insert(-1, leading_triplets(task - u_c @ (u_c.T @ task), per_task, svd))
+    lefts, sigmas, rights = zip(*blocks)
+    delta = torch.cat(sigmas).mean() * polar_columns(torch.cat(lefts, dim=1), svd) @ polar_rows(torch.cat(rights), svd)
     return delta.to("cpu", total.dtype)
 
 
@@ -144,8 +143,8 @@ class IsoCTS(DeltaMethod):
         for key in float_keys(pretrained):
             shape = key_meta(pretrained, key)[1]
             if is_matrix(key, shape, exclude):
-                matrices = lambda key=key: (as_matrix(vector[key]) for vector in vectors)  # noqa: E731 (read twice)
-                delta[key] = iso_cts_matrix(matrices, common_fraction, device).reshape(shape)
+                delta[key] = iso_cts_matrix(lambda: (as_matrix(vector[key]) for vector in vectors), common_fraction,
+                                            device).reshape(shape)
             else:
                 delta[key] = running_mean(vector[key] for vector in vectors)
         return delta

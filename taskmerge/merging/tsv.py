@@ -17,7 +17,7 @@ Non-matrix keys: running mean m ← m + (τ_t − m)/(t+1) in task order. All ke
 
 The triplets and the polar factors of float32 (and narrower) task matrices come from float64 eigendecompositions
 of r×r Gram matrices (`_spectral`), not from float32 SVDs: ~3× faster, and closer to the float64 reference than
-float32 SVDs come (tests); float64 task matrices get float64 SVDs (`_spectral.by_svd`). Task matrices are read one
+float32 SVDs come (tests); float64 task matrices get float64 SVDs (`_spectral.uses_svd`). Task matrices are read one
 at a time on the CPU (memory: one matrix, plus k vectors per task), or on `device` (e.g. `cuda`) all T of a key at
 once, their eigendecompositions batched. Every decomposition happens in `prepare`; `combine(alpha)` only scales
 and adds.
@@ -44,7 +44,7 @@ from taskmerge.merging._helpers import (
     task_vectors,
 )
 from taskmerge.merging._registry import HParam, finite_float, register
-from taskmerge.merging._spectral import by_svd, leading_triplets, polar_columns, polar_rows
+from taskmerge.merging._spectral import leading_triplets, polar_columns, polar_rows, uses_svd
 
 CPU_BATCH = 1  # task matrices decomposed together on the CPU (one bounds memory; elsewhere all T of a key)
 
@@ -76,7 +76,7 @@ def tsv_matrix(matrices: Iterable[torch.Tensor], fraction: float, device: torch.
         right = torch.zeros(len(stack), keep, cols, dtype=torch.float64, device=device)
         changed = stack.flatten(1).abs().amax(dim=1) > 0
         if keep and bool(changed.any()):
-            left[changed], sigma[changed], right[changed] = leading_triplets(stack[changed], keep, by_svd(stack.dtype))
+            left[changed], sigma[changed], right[changed] = leading_triplets(stack[changed], keep, uses_svd(stack.dtype))
         lefts += list(left)
         sigmas += list(sigma)
         rights += list(right)
@@ -84,7 +84,7 @@ def tsv_matrix(matrices: Iterable[torch.Tensor], fraction: float, device: torch.
     sigma = torch.cat(sigmas)
     if not bool(sigma.any()):
         return torch.zeros(shape, dtype=dtype)
-    svd = by_svd(dtype)
+    svd = uses_svd(dtype)
     delta = (polar_columns(torch.cat(lefts, dim=1), svd) * sigma) @ polar_rows(torch.cat(rights, dim=0), svd)
     return delta.to("cpu", dtype)
 

@@ -18,7 +18,7 @@ float64 whole.
 That holds for float32 and narrower task matrices, the ones releases hold. Float64 ones (`uses_svd`) are decomposed
 by float64 SVDs instead, the reference's own algorithm: squaring their spectrum would lose half of float64's
 precision (a synthetic float64 TSV-M draw differed from the reference by 3e-7 relative through Gram matrices, by
-1e-13 through SVDs). Every function takes `by_svd`.
+1e-13 through SVDs). Each decomposition below takes `by_svd`.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ Non-matrices: running mean in task order (as TSV-M). With n = 0 (e.g. r = 50, T 
 top-r subspace. Every decomposition happens in `prepare`.
 
 As for TSV-M, the triplets and polar factors come from float64 eigendecompositions of r×r Gram matrices
-(`_spectral`; float64 matrices: SVDs), not float32 SVDs, on `device`; the reference's projector (U_c U_cᵀ) W is applied as U_c (U_cᵀ W),
-equal up to rounding without the m×m matrix (9.8 GB for the token embedding). Task matrices are read one at a time,
-twice (for the sum, then for the task-specific parts). One difference, where Û or V̂ᵀ is rank-deficient (a task
+(`_spectral`; float64 matrices: SVDs), not float32 SVDs, on `device`. The reference's projector (U_c U_cᵀ) W is
+applied as U_c (U_cᵀ W), equal up to rounding without the m×m matrix (9.8 GB for the token embedding). Task
+matrices are read one at a time, twice (for the sum, then for the task-specific parts). One difference, where Û or V̂ᵀ is rank-deficient (a task
 matrix of rank below n): the reference's polar factor completes the missing directions arbitrarily (whatever its
 SVD returns) and step 6 gives them weight mean(σ̂); here they are zero.
 """

@@ -4,8 +4,8 @@ Reference (LoRA LLMs only, no vision implementation exists): `IBM/STAR: merger/S
 `merger/simple_avg.py:weighted_merge`. Per task and per matrix key (matrix rule as `tsv`: 2-D after dropping
 size-1 dimensions, key not matching `exclude`, none by default):
 
-1. thin SVD; r* = searchsorted(cumsum(σ), Σσ·η/100) + 1 (left side), i.e. the smallest r with
-   Σ_{i≤r} σ_i ≥ η/100·Σσ;
+1. thin SVD (here: float64 triplets from `_spectral`, as TSV-M); r* = searchsorted(cumsum(σ), Σσ·η/100) + 1
+   (left side), i.e. the smallest r with Σ_{i≤r} σ_i ≥ η/100·Σσ;
 2. rescale the kept σ by Σσ / Σ_{i≤r*} σ_i (nuclear norm preserved);
 3. W'_t = (U_{r*} diag(σ')) V_{r*}ᵀ. An all-zero matrix gives zeros (the reference would give NaN, 0/0).
 
@@ -31,6 +31,7 @@ from taskmerge.merging._helpers import (
     task_vectors,
 )
 from taskmerge.merging._registry import HParam, finite_float, register
+from taskmerge.merging._spectral import leading_triplets, uses_svd
 
 
 def star_rank(singular_values: torch.Tensor, eta: float) -> int:
@@ -40,15 +41,16 @@ def star_rank(singular_values: torch.Tensor, eta: float) -> int:
 
 
 def star_matrix(matrix: torch.Tensor, eta: float) -> torch.Tensor:
-    """Spectral truncation to r* (η %) and rescaling to the original nuclear norm; zeros stay zeros."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    total = torch.sum(s)
-    if total == 0:
+    """Spectral truncation to r* (η %) and rescaling to the original nuclear norm; zeros stay zeros. The triplets
+    come from `_spectral` in float64 (through the Gram matrix unless `matrix` is float64), as for TSV-M."""
+    if not bool(matrix.any()):
         return torch.zeros_like(matrix)
+    u, s, vh = leading_triplets(matrix, min(matrix.shape), uses_svd(matrix.dtype))
+    total = torch.sum(s)
     rank = star_rank(s, eta)
     kept = s[:rank]
     scaled = (total / torch.sum(kept)) * kept
-    return u[:, :rank] @ torch.diag_embed(scaled) @ vh[:rank, :]
+    return ((u[:, :rank] * scaled) @ vh[:rank, :]).to(matrix.dtype)
 
 
 def uniform_average(tensors: Iterable[torch.Tensor], count: int) -> torch.Tensor:

@@ -126,7 +126,7 @@ def test_svd_methods_batched_per_key_equal_the_streamed_cpu_path(monkeypatch):
     assert all(torch.allclose(streamed[k], batched[k], rtol=0, atol=1e-12) for k in base)
 
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "star"])
 def test_svd_methods_device_option(method):
     base, fts = _model(0.0), [_model(1.0), _model(3.0)]
     assert merging.merge(method, base, fts, device="cpu")["w"].shape == (2, 3)
@@ -138,7 +138,7 @@ def test_svd_methods_device_option(method):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "star"])
 def test_svd_methods_on_cuda_equal_the_cpu(method):
     gen = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(64, 48, generator=gen)}

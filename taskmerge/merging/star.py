@@ -21,6 +21,7 @@ import torch
 
 from taskmerge.merging._checks import key_meta
 from taskmerge.merging._helpers import (
+    DEVICE,
     DeltaMethod,
     as_matrix,
     float_keys,
@@ -40,17 +41,17 @@ def star_rank(singular_values: torch.Tensor, eta: float) -> int:
     return torch.searchsorted(torch.cumsum(singular_values, dim=0), total * eta / 100).item() + 1
 
 
-def star_matrix(matrix: torch.Tensor, eta: float) -> torch.Tensor:
+def star_matrix(matrix: torch.Tensor, eta: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Spectral truncation to r* (η %) and rescaling to the original nuclear norm; zeros stay zeros. The triplets
-    come from `_spectral` in float64 (through the Gram matrix unless `matrix` is float64), as for TSV-M."""
+    come from `_spectral` in float64 on `device` (through the Gram matrix unless `matrix` is float64), as for TSV-M."""
     if not bool(matrix.any()):
         return torch.zeros_like(matrix)
-    u, s, vh = leading_triplets(matrix, min(matrix.shape), uses_svd(matrix.dtype))
+    u, s, vh = leading_triplets(matrix.to(device), min(matrix.shape), uses_svd(matrix.dtype))
     total = torch.sum(s)
     rank = star_rank(s, eta)
     kept = s[:rank]
     scaled = (total / torch.sum(kept)) * kept
-    return ((u[:, :rank] * scaled) @ vh[:rank, :]).to(matrix.dtype)
+    return ((u[:, :rank] * scaled) @ vh[:rank, :]).to("cpu", matrix.dtype)
 
 
 def uniform_average(tensors: Iterable[torch.Tensor], count: int) -> torch.Tensor:
@@ -74,16 +75,17 @@ class Star(DeltaMethod):
         "eta": HParam(40, number_in(0, 100, low_open=True), interval(0, 100, low_open=True) + " (percent of the nuclear norm kept)", kind=float),
         "alpha": HParam(1.0, finite_float, "a finite number (scaling coefficient; 1.0 is the reference)"),
         "exclude": HParam(None, regex_or_none, "a regular expression or null (keys never treated as matrices)"),
+        "device": DEVICE,
     }
-    prepare_hparams = ("eta", "exclude")
+    prepare_hparams = ("eta", "exclude", "device")
 
-    def delta(self, pretrained, finetuned, *, eta: float, exclude: str | None, **_: Any):
+    def delta(self, pretrained, finetuned, *, eta: float, exclude: str | None, device: str, **_: Any):
         vectors = task_vectors(pretrained, finetuned)
         delta = {}
         for key in float_keys(pretrained):
-            shape = pretrained[key].shape
-            if is_matrix(key, key_meta(pretrained, key)[1], exclude):
-                parts = (star_matrix(as_matrix(vector[key]), eta).reshape(shape) for vector in vectors)
+            shape = key_meta(pretrained, key)[1]
+            if is_matrix(key, shape, exclude):
+                parts = (star_matrix(as_matrix(vector[key]), eta, device).reshape(shape) for vector in vectors)
             else:
                 parts = (vector[key] for vector in vectors)
             delta[key] = uniform_average(parts, len(vectors))

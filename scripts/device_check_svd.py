@@ -1,6 +1,6 @@
-"""Device check for the SVD methods' GPU path (`device=cuda`): TSV-M, Iso-C and Iso-CTS on ViT-shaped random task
-vectors, prepared on the CPU and on the GPU, with the wall time of each and the largest per-key relative Frobenius
-difference of the merged update (merging.md §4: ≤ 1e-4 expected for Iso-C and Iso-CTS, ≤ 1e-3 for TSV-M).
+"""Device check for the SVD methods' GPU path (`device=cuda`): TSV-M, Iso-C, Iso-CTS and STAR on ViT-shaped random
+task vectors, prepared on the CPU and on the GPU, with the wall time of each and the largest per-key relative Frobenius
+difference of the merged update (merging.md §4: ≤ 1e-4 expected for Iso-C, Iso-CTS and STAR, ≤ 1e-3 for TSV-M).
 
     PYTHONPATH=. python scripts/device_check_svd.py                       # ViT-B/32-shaped, T = 8: ~1 min on a GPU machine
     PYTHONPATH=. python scripts/device_check_svd.py --width 1024 --layers 24 --tasks 20   # ViT-L/14-shaped
@@ -56,7 +56,7 @@ def main() -> None:
     print(f"# width {args.width}, {args.layers} layers, T = {args.tasks}; CPU threads {args.threads}; "
           f"GPU: {torch.cuda.get_device_name(0) if gpu else 'none'}\n")
     print("| method | CPU s | GPU s (first call) | GPU s (second) | max per-key relative difference |\n|---|---|---|---|---|")
-    for method in ("tsv", "iso_c", "iso_cts"):
+    for method in ("tsv", "iso_c", "iso_cts", "star"):
         cpu_s, cpu_delta = timed_delta(method, base, fts, "cpu")
         if not gpu:
             print(f"| {method} | {cpu_s:.2f} | no GPU | | |")

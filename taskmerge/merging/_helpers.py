@@ -20,7 +20,7 @@ import math
 import re
 from itertools import compress
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from abc import abstractmethod
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -64,11 +64,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keyset:
             raise KeyError(key)
-        shape = key_meta(self._pretrained, key)[1]
-        with ExitStack() as blocks:
-            finetuned, pretrained = (
-                blocks.enter_context(model.mapped_block(key, 0, math.prod(shape))).view(shape)
-                if isinstance(model, LazyStateDict) else model[key] for model in (self._finetuned, self._pretrained))
+        with whole_tensor(self._finetuned, key) as finetuned, whole_tensor(self._pretrained, key) as pretrained:
             return finetuned - pretrained  # files are subtracted from their pages: no copy of either
 
     def __iter__(self) -> Iterator[str]:
@@ -94,11 +90,27 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def read_flat(state_dict: Tensors, key: str, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of the flattened `state_dict[key]`; a lazily loaded checkpoint reads only those."""
+@contextmanager
+def flat_block(state_dict: Tensors, key: str, start: int, stop: int, checked: bool = True) -> Iterator[torch.Tensor]:
+    """Elements [start, stop) of the flattened `state_dict[key]`, valid inside the block: for a lazily loaded
+    checkpoint a view of its file's pages (`LazyStateDict.mapped_block`, `checked` finite), else of the tensor."""
     if isinstance(state_dict, LazyStateDict):
-        return state_dict.read_flat(key, start, stop)
-    return state_dict[key].reshape(-1)[start:stop]
+        with state_dict.mapped_block(key, start, stop, checked) as view:
+            yield view
+    else:
+        yield state_dict[key].reshape(-1)[start:stop]
+
+
+@contextmanager
+def whole_tensor(state_dict: Tensors, key: str) -> Iterator[torch.Tensor]:
+    """`state_dict[key]`, valid inside the block: for a lazily loaded checkpoint a view of its file's pages (checked
+    finite, no copy), else the tensor itself (broadcast views such as `zero_base`'s stay unmaterialised)."""
+    if isinstance(state_dict, LazyStateDict):
+        shape = state_dict.meta(key)[1]
+        with state_dict.mapped_block(key, 0, math.prod(shape)) as view:
+            yield view.view(shape)
+    else:
+        yield state_dict[key]
 
 
 def chunk_bounds(numel: int) -> list[tuple[int, int]]:
@@ -133,17 +145,10 @@ def stacked_task_vector_chunk(pretrained: Tensors, finetuned: Sequence[Tensors],
         raise ValueError(f"workspace has {workspace.rows} rows, {rows} needed (one per fine-tuned model)")
     stack = workspace.stack(dtype, width) if workspace is not None else torch.empty((rows, width), dtype=dtype)
     lazy = [isinstance(model, LazyStateDict) for model in finetuned]
-    with ExitStack() as blocks:
-        if isinstance(pretrained, LazyStateDict):
-            base = blocks.enter_context(pretrained.mapped_block(key, start, stop))
-        else:
-            base = read_flat(pretrained, key, start, stop)
+    with flat_block(pretrained, key, start, stop) as base:
         for index, model in enumerate(finetuned):
-            if lazy[index]:
-                with model.mapped_block(key, start, stop, checked=False) as block:
-                    torch.sub(block, base, out=stack[index])
-            else:
-                torch.sub(read_flat(model, key, start, stop), base, out=stack[index])
+            with flat_block(model, key, start, stop, checked=False) as block:  # checked below, through the stack
+                torch.sub(block, base, out=stack[index])
     if any(lazy) and width and not math.isfinite(float(stack.sum())):
         for model in compress(finetuned, lazy):
             with model.mapped_block(key, start, stop):  # checked: raises naming the file and key
@@ -249,11 +254,8 @@ class ScaledDelta(PreparedMerge):
         """θ0[key] + α·τ as (α·τ) + θ0 (the same roundings) in one fresh tensor; a lazily loaded θ0 is added
         from its file's pages, not copied first."""
         out = torch.mul(tau, alpha, out=torch.empty(tau.shape, dtype=tau.dtype))
-        if isinstance(self.pretrained, LazyStateDict):
-            with self.pretrained.mapped_block(key, 0, out.numel()) as base:
-                out.view(-1).add_(base)
-            return out
-        return out.add_(self.pretrained[key])
+        with whole_tensor(self.pretrained, key) as base:
+            return out.add_(base)
 
 
 class DeltaMethod(MergeMethod):

@@ -59,6 +59,12 @@ def _times(stack: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.cat([block @ right for block in _rows(stack)], dim=-2)
 
 
+def _tall_side(stack: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the matrix or stack, or its transpose: whichever is tall, so that its Gram matrix is r×r; whether it was tall)."""
+    tall = stack.shape[-2] >= stack.shape[-1]
+    return (stack if tall else stack.mT), tall
+
+
 def leading_triplets(stack: torch.Tensor, k: int, by_svd: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u …×m×k, σ …×k, vᵀ …×k×n) in float64: the k leading singular triplets of a matrix or of each matrix of a
     stack (one batched `eigh`), σ descending, from the r×r Gram matrices. Triplets with σ ≤ RELATIVE_FLOOR·σ_max
@@ -66,8 +72,7 @@ def leading_triplets(stack: torch.Tensor, k: int, by_svd: bool = False) -> tuple
     if by_svd:
         u, sigma, vh = torch.linalg.svd(stack.double(), full_matrices=False)
         return u[..., :k], sigma[..., :k], vh[..., :k, :]
-    tall = stack.shape[-2] >= stack.shape[-1]
-    side = stack if tall else stack.mT  # side is tall: its Gram matrix is r×r
+    side, tall = _tall_side(stack)
     values, vectors = torch.linalg.eigh(gram(side))
     sigma = values.flip(-1)[..., :k].clamp(min=0).sqrt()
     right = vectors.flip(-1)[..., :k]
@@ -106,8 +111,7 @@ def isotropic(matrix: torch.Tensor, by_svd: bool = False) -> torch.Tensor:
     if by_svd:
         u, sigma, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
         return sigma.mean() * u @ vh
-    tall = matrix.shape[0] >= matrix.shape[1]
-    side = matrix if tall else matrix.T
+    side, tall = _tall_side(matrix)
     values, vectors = torch.linalg.eigh(gram(side))
     out = values.clamp(min=0).sqrt().mean() * _times(side, _inverse_sqrt(values, vectors))
     return out if tall else out.T
